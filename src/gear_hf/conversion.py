@@ -93,3 +93,317 @@ def check_state_dict(
         lines.append("Check that the config (quantizer, sizes, codebook size) matches the checkpoint.")
         raise CheckpointMismatchError("\n".join(lines))
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers (VQ-16 / LFQ-16 / IBQ-16)
+# ---------------------------------------------------------------------------------------------------------------
+
+TOKENIZER_PREFIXES = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "quantize.")
+# LlamaGen registers a persistent codebook-usage buffer that GEAR's VQ-16 dropped.
+TOKENIZER_IGNORABLE_KEYS = ("quantize.codebook_used",)
+_EMA_PREFIX = "model_ema."
+_TOKENIZER_FAMILY_NAMES = {"vq": "VQ (LlamaGen VQGAN)", "lfq": "LFQ (Open-MAGVIT2)", "ibq": "IBQ"}
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _lightning_tokenizer_state_dict(inner: Mapping, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """Tokenizer tensors of a Lightning `state_dict`, replaced by their `model_ema.` shadows where present.
+
+    LitEma names a shadow `model_ema.` + the parameter name with every dot removed. Training-only entries
+    (`loss.*`, EMA bookkeeping, ...) are dropped.
+    """
+    inner = strip_wrapper_prefixes({k: v for k, v in inner.items() if torch.is_tensor(v)})
+    live = {k: v for k, v in inner.items() if k.startswith(TOKENIZER_PREFIXES)}
+    shadows = {k[len(_EMA_PREFIX) :]: v for k, v in inner.items() if k.startswith(_EMA_PREFIX)}
+    from_ema = 0
+    for key in live:
+        shadow = shadows.get(key.replace(".", ""))
+        if shadow is not None:
+            live[key] = shadow
+            from_ema += 1
+    dropped = sorted({k.split(".")[0] for k in inner if not k.startswith(TOKENIZER_PREFIXES + (_EMA_PREFIX,))})
+    if shadows:
+        source = f"EMA weights (model_ema.*) for {from_ema} of {len(live)} tensors, live weights for the rest"
+    else:
+        source = f"live weights for all {len(live)} tensors (the file has no model_ema.* shadows)"
+    description = f"Lightning checkpoint ['state_dict']: {source}"
+    if from_ema and not use_ema:
+        description += " (use_ema=False does not apply here: like the official loader, Lightning EMA shadows win)"
+    if dropped:
+        description += f"; ignored training-only entries: {', '.join(dropped)}"
+    return live, description
+
+
+def select_tokenizer_state_dict(raw: Mapping, *, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """Pick the tokenizer weights out of an official checkpoint dictionary.
+
+    Accepted layouts (checked in this order, like the official loader):
+
+    * Lightning (Open-MAGVIT2 / IBQ releases): `{'state_dict': {...}}`. Keys under `encoder. decoder.
+      quant_conv. post_quant_conv. quantize.` are kept; `model_ema.<key without dots>` shadows replace them
+      when present (always, as in the official loader, whatever `use_ema` says).
+    * GEAR Stage-0/1 training checkpoints: `{'vq': sd, 'vq_ema': sd, ...}`. `use_ema=True` selects `vq_ema`
+      (falling back to `vq` when absent), `use_ema=False` selects `vq`.
+    * LlamaGen: `{'model': sd}`.
+    * A bare state dict.
+
+    Leading `_orig_mod.` / `module.` prefixes are removed. Returns `(state_dict, description)`, where the
+    description says which weights were used (log or print it: the two EMA choices give different models).
+    """
+    if not isinstance(raw, Mapping):
+        raise CheckpointMismatchError(f"Expected a checkpoint dictionary, got {type(raw).__name__}.")
+    if isinstance(raw.get("state_dict"), Mapping):
+        state, description = _lightning_tokenizer_state_dict(raw["state_dict"], use_ema)
+    elif "vq" in raw or "vq_ema" in raw:
+        has_live, has_ema = isinstance(raw.get("vq"), Mapping), isinstance(raw.get("vq_ema"), Mapping)
+        if use_ema and has_ema:
+            key, note = "vq_ema", "EMA weights"
+        elif has_live:
+            key = "vq"
+            if use_ema:
+                note = "live weights; EMA requested but the file has no 'vq_ema'"
+            else:
+                note = "live weights" + ("; the file also has EMA weights 'vq_ema' (use_ema=True / --ema)" if has_ema else "")
+        else:
+            raise CheckpointMismatchError(
+                "This GEAR checkpoint only has EMA tokenizer weights ('vq_ema'); pass use_ema=True (CLI: --ema)."
+            )
+        state, description = raw[key], f"GEAR training checkpoint: using '{key}' ({note})"
+    elif isinstance(raw.get("model"), Mapping):
+        state, description = raw["model"], "LlamaGen checkpoint: using 'model'"
+    else:
+        state, description = raw, "bare state dict"
+    if not _is_state_dict(state):
+        keys = ", ".join(sorted(map(str, raw))[:20])
+        raise CheckpointMismatchError(
+            f"No tokenizer weights found in this checkpoint (top-level keys: {keys}). Expected a state dict, "
+            "{'state_dict': ...} (Lightning), {'vq': ..., 'vq_ema': ...} (GEAR Stage 0/1) or {'model': ...} "
+            "(LlamaGen). Stage-2 checkpoints ('ar', 'ema') hold no tokenizer: convert the tokenizer file instead."
+        )
+    return strip_wrapper_prefixes(state), description
+
+
+def infer_tokenizer_family(state_dict: Mapping[str, torch.Tensor]) -> tuple[str | None, int | None]:
+    """(quantizer, codebook_size) an official tokenizer state dict was made for; `None` where unrecognisable."""
+    if any(k.startswith(("encoder.mid_block.", "decoder.adaptive.")) for k in state_dict):
+        conv_out = state_dict.get("encoder.conv_out.weight")
+        return "lfq", (2 ** conv_out.shape[0] if conv_out is not None else None)
+    embedding = state_dict.get("quantize.embedding.weight")
+    size = embedding.shape[0] if embedding is not None else None
+    if any(k.startswith("encoder.conv_blocks.") for k in state_dict):
+        return "vq", size
+    if any(k.startswith("encoder.down.") for k in state_dict):
+        return "ibq", size
+    return None, size
+
+
+def load_tokenizer_from_official_checkpoint(
+    path: str | os.PathLike,
+    config,
+    *,
+    use_ema: bool = False,
+    allow_pickle: bool = False,
+    model_class=None,
+):
+    """Build a `GEARTokenizerModel` for `config` from an official checkpoint file and load it strictly.
+
+    Returns `(model, description)`; the model is in eval mode and `description` says which weights were used.
+    Raises `CheckpointMismatchError` when the file holds another quantizer family or codebook size than
+    `config`, or when any key is missing/unexpected (LlamaGen's `quantize.codebook_used` is ignored) or has
+    another shape.
+    """
+    if model_class is None:
+        from .models.modeling_gear_tokenizer import GEARTokenizerModel as model_class
+
+    raw = load_checkpoint_file(path, allow_pickle=allow_pickle)
+    state, description = select_tokenizer_state_dict(raw, use_ema=use_ema)
+    family, codebook_size = infer_tokenizer_family(state)
+    if family is not None and family != config.quantizer:
+        raise CheckpointMismatchError(
+            f"{os.fspath(path)} holds a {_TOKENIZER_FAMILY_NAMES[family]} tokenizer, but config.quantizer="
+            f"{config.quantizer!r}. Use quantizer={family!r} (e.g. GEARTokenizerConfig.from_preset("
+            f"'{family.upper()}-16'); CLI: --quantizer {family})."
+        )
+    if codebook_size is not None and codebook_size != config.codebook_size:
+        raise CheckpointMismatchError(
+            f"{os.fspath(path)} has a codebook of {codebook_size} codes, but config.codebook_size="
+            f"{config.codebook_size}. Build the config with codebook_size={codebook_size}."
+        )
+    model = model_class(config)
+    state = check_state_dict(
+        model.state_dict(), state, ignorable=TOKENIZER_IGNORABLE_KEYS, what=f"tokenizer checkpoint {os.fspath(path)}"
+    )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    logger.info("Loaded %s tokenizer from %s: %s", config.quantizer.upper(), os.fspath(path), description)
+    return model, description
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Class-conditional AR generator (GEAR / LlamaGen c2i)
+# ---------------------------------------------------------------------------------------------------------------
+
+AR_PREFIXES = ("cls_embedding.", "tok_embeddings.", "layers.", "norm.", "output.")
+
+
+def _drop_ar_sampling_buffers(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Remove KV-cache buffers (`layers.{i}.attention.kv_cache.*`, `causal_mask`) that LlamaGen-style models
+    carry only while sampling; they are never weights."""
+    kept, dropped = {}, []
+    for key, value in state.items():
+        if ".kv_cache." in key or key in ("causal_mask", "freqs_cis"):
+            dropped.append(key)
+        else:
+            kept[key] = value
+    return kept, dropped
+
+
+def select_ar_state_dict(raw: Mapping, *, use_ema: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """Pick the AR generator weights out of an official checkpoint dictionary.
+
+    Accepted layouts (same precedence as the official `src/inference.py`):
+
+    * GEAR Stage-1/2 checkpoints `{'ar': sd, 'ema': sd, ...}`: `use_ema=True` takes `ema` (falls back to `ar`),
+      `use_ema=False` takes `ar` (falls back to `ema` when the file has only EMA weights).
+    * LlamaGen checkpoints `{'model': sd, ...}`.
+    * A bare state dict.
+
+    Leading `_orig_mod.` / `module.` prefixes and sampling-only KV-cache buffers are removed. Returns
+    `(state_dict, description)`; the description says which weights were used.
+    """
+    if not isinstance(raw, Mapping):
+        raise CheckpointMismatchError(f"Expected a checkpoint dictionary, got {type(raw).__name__}.")
+    has_live, has_ema = isinstance(raw.get("ar"), Mapping), isinstance(raw.get("ema"), Mapping)
+    if has_live or has_ema:
+        if (use_ema and has_ema) or not has_live:
+            state = raw["ema"]
+            description = "GEAR checkpoint ['ema']: EMA weights"
+            if not use_ema:
+                description += " (use_ema=False, but the file has no live 'ar' weights)"
+        else:
+            state = raw["ar"]
+            description = "GEAR checkpoint ['ar']: live (non-EMA) weights"
+            if use_ema:
+                description += " (use_ema=True, but the file has no 'ema' weights)"
+    elif isinstance(raw.get("model"), Mapping):
+        state, description = raw["model"], "LlamaGen checkpoint ['model']"
+    elif _is_state_dict(raw):
+        state, description = raw, "bare state dict"
+    else:
+        raise CheckpointMismatchError(
+            "Unrecognised AR checkpoint layout: expected 'ar'/'ema' (GEAR), 'model' (LlamaGen) or a bare state "
+            f"dict; top-level keys are {sorted(map(str, raw))[:20]}. Tokenizer files ('vq', 'state_dict') hold no AR."
+        )
+    state = strip_wrapper_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)})
+    state, dropped = _drop_ar_sampling_buffers(state)
+    if dropped:
+        description += f"; dropped {len(dropped)} sampling-only buffers (KV cache)"
+    return state, description
+
+
+def infer_ar_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Sizes readable from an AR state dict's shapes: vocab, hidden, layers, FFN width and classes.
+
+    The class table is assumed to carry the null-class row (`num_classes + 1` rows, as in every GEAR/LlamaGen
+    c2i checkpoint trained with class dropout). The head count is not recoverable from shapes.
+    """
+    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "layers.0.feed_forward.w1.weight",
+                "layers.0.attention.wqkv.weight")
+    absent = [k for k in required if k not in state_dict]
+    if absent:
+        raise CheckpointMismatchError(f"Not a class-conditional LlamaGen/GEAR AR state dict: missing {absent}.")
+    vocab_size, hidden_size = state_dict["tok_embeddings.weight"].shape
+    wqkv = state_dict["layers.0.attention.wqkv.weight"]
+    if tuple(wqkv.shape) != (3 * hidden_size, hidden_size):
+        raise CheckpointMismatchError(
+            f"layers.0.attention.wqkv.weight has shape {tuple(wqkv.shape)}, expected {(3 * hidden_size, hidden_size)}"
+            " (grouped-query attention is not supported)."
+        )
+    layer_ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("layers.")}
+    return {
+        "vocab_size": int(vocab_size),
+        "hidden_size": int(hidden_size),
+        "num_hidden_layers": max(layer_ids) + 1,
+        "intermediate_size": int(state_dict["layers.0.feed_forward.w1.weight"].shape[0]),
+        "num_classes": int(state_dict["cls_embedding.embedding_table.weight"].shape[0]) - 1,
+    }
+
+
+def ar_config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    image_size: int,
+    downsample_factor: int = 16,
+    preset: str | None = None,
+    num_attention_heads: int | None = None,
+    **config_overrides,
+):
+    """`GEARConfig` for an AR state dict: sizes from the shapes, the rest (grid, heads) from the caller.
+
+    Give `preset` (e.g. `"LlamaGen-B"`; its sizes must match the weights) or `num_attention_heads`.
+    """
+    from .models.configuration_gear_ar import LLAMAGEN_PRESETS, GEARConfig
+
+    sizes = infer_ar_config_kwargs(state_dict)
+    if preset is not None:
+        if preset not in LLAMAGEN_PRESETS:
+            raise ValueError(f"Unknown AR preset {preset!r}; choose one of {sorted(LLAMAGEN_PRESETS)}.")
+        expected = LLAMAGEN_PRESETS[preset]
+        clash = {k: (v, sizes[k]) for k, v in expected.items() if k in sizes and sizes[k] != v}
+        if clash:
+            found = ", ".join(f"{k}={got} (preset {want})" for k, (want, got) in clash.items())
+            raise CheckpointMismatchError(f"The checkpoint is not {preset}: it has {found}.")
+        if num_attention_heads is not None and num_attention_heads != expected["num_attention_heads"]:
+            raise ValueError(f"num_attention_heads={num_attention_heads} contradicts preset {preset} "
+                             f"({expected['num_attention_heads']} heads); give only one of them.")
+        num_attention_heads = expected["num_attention_heads"]
+    if num_attention_heads is None:
+        raise ValueError(
+            "The number of attention heads cannot be read from the weights: pass preset='LlamaGen-B' (etc.) or "
+            f"num_attention_heads (hidden size {sizes['hidden_size']}; LlamaGen uses head_dim 64, i.e. "
+            f"{max(sizes['hidden_size'] // 64, 1)} heads, except LlamaGen-S with 12)."
+        )
+    # Overrides win (e.g. num_classes + class_dropout_prob=0 for a table without null row); the strict load
+    # then catches any size that contradicts the weights.
+    return GEARConfig(**{**sizes, **config_overrides}, num_attention_heads=num_attention_heads,
+                      image_size=image_size, downsample_factor=downsample_factor)
+
+
+def load_ar_from_official_checkpoint(
+    path_or_checkpoint: str | os.PathLike | Mapping,
+    *,
+    image_size: int,
+    downsample_factor: int = 16,
+    preset: str | None = None,
+    num_attention_heads: int | None = None,
+    use_ema: bool = True,
+    allow_pickle: bool = False,
+    **config_overrides,
+):
+    """Build a `GEARForCausalImageLM` from an official GEAR/LlamaGen AR checkpoint (file or loaded dict).
+
+    Sizes come from the weights (`infer_ar_config_kwargs`), `image_size`/`downsample_factor` and the head count
+    (`preset` or `num_attention_heads`) from the caller. `use_ema=True` (the official inference default) prefers
+    the EMA weights. Loading is strict: any missing/unexpected key or shape mismatch raises
+    `CheckpointMismatchError` listing them. Returns `(model, description)` with the model in eval mode.
+    """
+    from .models.modeling_gear_ar import GEARForCausalImageLM
+
+    if isinstance(path_or_checkpoint, Mapping):
+        raw, where = path_or_checkpoint, "AR checkpoint"
+    else:
+        raw = load_checkpoint_file(path_or_checkpoint, allow_pickle=allow_pickle)
+        where = f"AR checkpoint {os.fspath(path_or_checkpoint)}"
+    state, description = select_ar_state_dict(raw, use_ema=use_ema)
+    config = ar_config_from_state_dict(state, image_size=image_size, downsample_factor=downsample_factor,
+                                       preset=preset, num_attention_heads=num_attention_heads, **config_overrides)
+    model = GEARForCausalImageLM(config)
+    state = check_state_dict(model.state_dict(), state, what=where)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    logger.info("Loaded AR generator from %s: %s", where, description)
+    return model, description

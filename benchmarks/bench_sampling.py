@@ -1,0 +1,178 @@
+"""Benchmark KV-cached classifier-free-guidance sampling of GEARForCausalImageLM (random weights).
+
+For each model size it reports, as JSON:
+* cached sampling: wall time, image tokens/s, peak extra RSS during sampling (MiB);
+* per-token decode time across raster positions (bucketed medians; must stay flat with the static cache);
+* uncached sampling (full forward recomputed each step): measured for the small model, and for large models
+  either measured (`--full-uncached`) or estimated from the step time at a few positions (trapezoid rule).
+
+Each case runs in a fresh subprocess so peak-RSS numbers do not leak between cases. Timings on a shared CPU are
+noisy: the small model reports the best of 3 runs, LlamaGen-B a single run (compare with the per-token medians).
+
+    python benchmarks/bench_sampling.py [--models small LlamaGen-B] [--batch-size 2] [--guidance-scale 4]
+                                        [--output bench.json] [--full-uncached]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+SMALL = dict(vocab_size=1024, num_classes=10, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+             image_size=128, downsample_factor=16)
+
+
+def _rss_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def build_model(name: str):
+    from gear_hf import GEARConfig, GEARForCausalImageLM
+
+    config = GEARConfig(**SMALL) if name == "small" else GEARConfig.from_preset(name, vocab_size=16384,
+                                                                                 image_size=256)
+    torch.manual_seed(0)
+    model = GEARForCausalImageLM(config).eval()
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.02)  # zero-init head would make every step argmax-trivial
+    return model
+
+
+def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: bool, queue) -> None:
+    from gear_hf.sampling import TokenPicker, decode_one_token, guide_logits, prefill, resolve_sampling_config
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = build_model(name)
+    config = model.config
+    labels = torch.arange(batch_size) % config.num_classes
+    num_tokens = config.num_image_tokens
+    result = {"model": name, "parameters_M": round(model.num_parameters() / 1e6, 2), "grid": config.grid_size,
+              "image_tokens": num_tokens, "batch_size": batch_size, "guidance_scale": guidance_scale,
+              "rows_per_step": batch_size * (2 if guidance_scale > 1 else 1)}
+    with torch.no_grad():  # warm-up: a prefill and a few cached steps
+        warm = model.allocate_kv_cache(2 * batch_size)
+        model(class_labels=labels.repeat(2), past_key_values=warm)
+        for _ in range(4):
+            model(input_ids=torch.zeros(2 * batch_size, 1, dtype=torch.long), past_key_values=warm)
+
+    # 1. Cached sampling, end to end, with peak RSS.
+    # The machine may be shared: take the best of a few runs when they are cheap.
+    repeats = 3 if name == "small" else 1
+    peak_tracked = _reset_peak_rss()
+    rss_before = _rss_mib("VmRSS")
+    elapsed = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate_images(labels, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
+        elapsed = min(elapsed, time.perf_counter() - start)
+    result["cached"] = {
+        "seconds": round(elapsed, 3),
+        "image_tokens_per_s": round(batch_size * num_tokens / elapsed, 1),
+        "ms_per_step": round(1000 * elapsed / num_tokens, 2),
+        "peak_extra_rss_MiB": round(_rss_mib("VmHWM") - rss_before, 1) if peak_tracked else None,
+        "kv_cache_MiB": round(2 * config.num_hidden_layers * result["rows_per_step"] * (num_tokens + 1)
+                              * config.hidden_size * 4 / 2**20, 1),
+    }
+
+    # 2. Per-token decode time across positions (same building blocks as generate_images).
+    settings = resolve_sampling_config(guidance_scale=guidance_scale)
+    condition = labels if guidance_scale <= 1 else torch.cat([labels, torch.full_like(labels, config.num_classes)])
+    pick = TokenPicker(settings, batch_size, config.vocab_size, torch.device("cpu"), None)
+    step_ms = []
+    with torch.no_grad():
+        cache = model.allocate_kv_cache(condition.shape[0])
+        token = pick(guide_logits(prefill(model, condition, cache), batch_size, guidance_scale))
+        feed = torch.empty(condition.shape[0], 1, dtype=torch.long)
+        for _ in range(num_tokens - 1):
+            feed.view(-1, batch_size)[:] = token
+            t0 = time.perf_counter()
+            token = pick(guide_logits(decode_one_token(model, feed, cache), batch_size, guidance_scale))
+            step_ms.append(1000 * (time.perf_counter() - t0))
+    buckets = 8
+    size = len(step_ms) // buckets
+    medians = [round(statistics.median(step_ms[i * size : (i + 1) * size]), 3) for i in range(buckets)]
+    result["per_token_ms_by_position"] = {
+        "bucket_positions": [f"{1 + i * size}-{(i + 1) * size}" for i in range(buckets)],
+        "median_ms": medians,
+        "last_over_first": round(medians[-1] / medians[0], 3),
+    }
+
+    # 3. Uncached: full forward over the whole prefix at every step.
+    if name == "small" or full_uncached:
+        elapsed = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.generate_images(labels, guidance_scale=guidance_scale, use_cache=False,
+                                  generator=torch.Generator().manual_seed(0))
+            elapsed = min(elapsed, time.perf_counter() - start)
+        result["uncached"] = {"seconds": round(elapsed, 3), "measured": True,
+                              "image_tokens_per_s": round(batch_size * num_tokens / elapsed, 1)}
+    else:
+        positions = [1, num_tokens // 4, num_tokens // 2, 3 * num_tokens // 4, num_tokens - 1]
+        tokens = torch.randint(0, config.vocab_size, (condition.shape[0], num_tokens))
+        times = []
+        with torch.no_grad():
+            for t in positions:
+                t0 = time.perf_counter()
+                model(input_ids=tokens[:, :t], class_labels=condition)
+                times.append(time.perf_counter() - t0)
+        # trapezoid over positions 0..num_tokens-1
+        estimate = sum((times[i] + times[i + 1]) / 2 * (positions[i + 1] - positions[i])
+                       for i in range(len(times) - 1))
+        estimate += times[0] * positions[0]
+        result["uncached"] = {"seconds": round(estimate, 2), "measured": False,
+                              "step_ms_at_positions": dict(zip(map(str, positions), [round(1000 * x, 1) for x in times])),
+                              "image_tokens_per_s": round(batch_size * num_tokens / estimate, 1)}
+    result["speedup_cached_vs_uncached"] = round(result["uncached"]["seconds"] / result["cached"]["seconds"], 1)
+    queue.put(result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["small", "LlamaGen-B"], help="'small' or LlamaGen presets")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--guidance-scale", type=float, default=4.0)
+    parser.add_argument("--full-uncached", action="store_true", help="measure (not estimate) uncached large models")
+    parser.add_argument("--output", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
+              platform.machine(), "dtype": "float32", "results": []}
+    for name in args.models:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=run_case, args=(name, args.batch_size, args.guidance_scale, args.full_uncached,
+                                                  queue))
+        proc.start()
+        report["results"].append(queue.get())
+        proc.join()
+        print(f"done: {name}", file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

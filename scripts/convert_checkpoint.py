@@ -1,0 +1,121 @@
+"""Convert official GEAR checkpoints into `from_pretrained` directories.
+
+    python scripts/convert_checkpoint.py tokenizer --quantizer vq --checkpoint gear-vq.pt --output gear-vq16 [--ema]
+    python scripts/convert_checkpoint.py ar --checkpoint gear-ar.pt --output gear-ar-b --image-size 256 --ar-model LlamaGen-B
+
+Each subcommand is one `add_<name>_parser(subparsers)` function that registers its arguments and sets `func`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gear_hf import GEARTokenizerConfig
+from gear_hf.conversion import load_ar_from_official_checkpoint, load_tokenizer_from_official_checkpoint
+
+
+def convert_tokenizer(args: argparse.Namespace) -> None:
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    if args.config:
+        with open(args.config) as f:
+            fields = {k: v for k, v in json.load(f).items() if k not in ("model_type", "transformers_version")}
+        config = GEARTokenizerConfig(**{**fields, "quantizer": args.quantizer, **overrides})
+    else:
+        config = GEARTokenizerConfig.preset_for_quantizer(args.quantizer, **overrides)
+    model, description = load_tokenizer_from_official_checkpoint(
+        args.checkpoint, config, use_ema=args.ema, allow_pickle=args.allow_pickle
+    )
+    print(f"Weights used: {description}")
+    model.save_pretrained(args.output)
+    print(f"Wrote {config.quantizer.upper()} tokenizer ({model.num_parameters() / 1e6:.2f} M parameters) to {args.output}")
+
+
+def add_tokenizer_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tokenizer",
+        help="VQ-16 / LFQ-16 / IBQ-16 tokenizer (GEAR, LlamaGen, Open-MAGVIT2 or IBQ checkpoint)",
+        description="Convert an official tokenizer checkpoint; loading is strict and reports which weights were used.",
+    )
+    parser.add_argument("--quantizer", required=True, choices=["vq", "lfq", "ibq"])
+    parser.add_argument("--checkpoint", required=True, help="official .pt / .ckpt / .safetensors file")
+    parser.add_argument("--output", required=True, help="directory to write config.json + model.safetensors into")
+    parser.add_argument("--ema", action="store_true", help="use the EMA weights ('vq_ema') of a GEAR Stage-0/1 checkpoint")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="unpickle arbitrary Python objects in the file (only for files you trust)",
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="nominal image size stored in the config (256)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="JSON file of GEARTokenizerConfig fields for a non-standard architecture (default: the released *-16)",
+    )
+    parser.set_defaults(func=convert_tokenizer)
+
+
+def convert_ar(args: argparse.Namespace) -> None:
+    model, description = load_ar_from_official_checkpoint(
+        args.checkpoint,
+        image_size=args.image_size,
+        downsample_factor=args.downsample,
+        preset=args.ar_model,
+        num_attention_heads=args.num_heads,
+        use_ema=args.ema,
+        allow_pickle=args.allow_pickle,
+    )
+    c = model.config
+    print(f"Weights used: {description}")
+    model.save_pretrained(args.output)
+    print(
+        f"Wrote AR generator ({model.num_parameters() / 1e6:.2f} M parameters: {c.num_hidden_layers} layers, "
+        f"hidden {c.hidden_size}, {c.num_attention_heads} heads, {c.vocab_size} codes, {c.num_classes} classes, "
+        f"{c.grid_size}x{c.grid_size} tokens) to {args.output}"
+    )
+
+
+def add_ar_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ar",
+        help="class-conditional AR generator (GEAR 'ar'/'ema' or LlamaGen 'model' checkpoint)",
+        description="Convert an official class-conditional AR checkpoint. Sizes are read from the weights; the "
+        "token grid and the head count (via --ar-model or --num-heads) are not stored in released files.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="official .pt / .safetensors file")
+    parser.add_argument("--output", required=True, help="directory to write config.json + model.safetensors into")
+    parser.add_argument("--image-size", type=int, required=True, help="image size the AR was trained for (256)")
+    parser.add_argument("--downsample", type=int, default=16, help="tokenizer stride (16 for all released tokenizers)")
+    heads = parser.add_mutually_exclusive_group(required=True)
+    heads.add_argument("--ar-model", default=None, help="LlamaGen-S/B/L/XL/XXL/XXXL (checked against the weights)")
+    heads.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-preset sizes")
+    parser.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="use the EMA weights ('ema') of a GEAR checkpoint (default, as official inference); --no-ema for 'ar'",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="unpickle arbitrary Python objects in the file (only for files you trust)",
+    )
+    parser.set_defaults(func=convert_ar)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_tokenizer_parser(subparsers)
+    add_ar_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

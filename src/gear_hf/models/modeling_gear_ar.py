@@ -1,0 +1,426 @@
+"""Class-conditional LlamaGen transformer: GEAR's autoregressive image-token generator.
+
+Blocks appear in the order data meets them: RMSNorm, 2-D rotary embedding, SwiGLU, attention (with a static
+KV cache for sampling), decoder layer, then the model. Parameter names follow the official GEAR / LlamaGen
+checkpoints one-to-one (`tok_embeddings`, `layers.{i}.attention.wqkv`, `output`, ...), so official weights load
+strictly without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_gear_ar import GEARConfig
+
+
+class GEARRMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back to the input dtype before the (learned) scale."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        x = x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps)
+        return x.type_as(hidden_states) * self.weight
+
+
+def build_2d_rope_table(grid_size: int, head_dim: int, theta: float, num_prefix: int = 1) -> torch.Tensor:
+    """Cos/sin table of LlamaGen's 2-D rotary embedding, shape `(num_prefix + grid_size**2, head_dim // 2, 2)`.
+
+    The `head_dim // 2` rotary pairs are split in two halves: the first half rotates by the token's grid row, the
+    second by its column (same frequencies for both). Grid cells are in raster order. The `num_prefix` class
+    positions get all-zero rows (cos = sin = 0), not the identity: their queries and keys become exactly zero, as
+    in LlamaGen, so every query gives the class token attention logit 0. Kept bit-exact with the reference.
+    """
+    quarter = head_dim // 4
+    half = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, half, 2)[:quarter].float() / half))
+    angles = torch.outer(torch.arange(grid_size), freqs)  # (grid, quarter)
+    grid_angles = torch.cat(
+        [angles[:, None, :].expand(-1, grid_size, -1), angles[None, :, :].expand(grid_size, -1, -1)], dim=-1
+    )  # (row, col, half): [row angles | column angles]
+    table = torch.stack([torch.cos(grid_angles), torch.sin(grid_angles)], dim=-1).flatten(0, 1)
+    return torch.cat([torch.zeros(num_prefix, half, 2), table])
+
+
+def apply_2d_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs `(x[2j], x[2j+1])` of `x` (B, S, H, D) by `table` (S, D/2, 2), in fp32."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    rotated = torch.stack([real * cos - imag * sin, imag * cos + real * sin], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class GEARSwiGLU(nn.Module):
+    """Feed-forward `w2(silu(w1 x) * w3 x)` followed by dropout."""
+
+    def __init__(self, config: GEARConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.ffn_dropout = nn.Dropout(config.ffn_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(hidden_states)) * self.w3(hidden_states)))
+
+
+class GEARKVCache:
+    """Static key/value buffers for incremental decoding, allocated once.
+
+    `keys`/`values` have shape `(num_layers, batch_size, num_heads, max_length, head_dim)`. Each attention layer
+    writes its new keys/values at positions `[seq_length, seq_length + q_len)` and reads the valid prefix back as
+    views; the model calls `advance(q_len)` once all layers ran. A call with fewer rows than `batch_size` updates
+    only the leading rows (used to drop the unconditional CFG half once guidance stops); the other rows then go
+    stale and must not be read again.
+    """
+
+    def __init__(self, *, num_layers: int, batch_size: int, num_heads: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.seq_length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, start, end = key.shape[0], self.seq_length, self.seq_length + key.shape[2]
+        if rows > self.batch_size or end > self.max_length:
+            raise ValueError(
+                f"KV cache of batch {self.batch_size} x length {self.max_length} cannot take {rows} rows at "
+                f"positions [{start}, {end})."
+            )
+        self.keys[layer_idx, :rows, :, start:end] = key
+        self.values[layer_idx, :rows, :, start:end] = value
+        return self.keys[layer_idx, :rows, :, :end], self.values[layer_idx, :rows, :, :end]
+
+    def advance(self, num_positions: int) -> None:
+        self.seq_length += num_positions
+
+    def reset(self) -> None:
+        self.seq_length = 0
+
+
+class GEARAttention(nn.Module):
+    """Causal multi-head self-attention with a fused `wqkv` projection and 2-D RoPE on queries and keys."""
+
+    def __init__(self, config: GEARConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.hidden_size = config.hidden_size
+        self.attn_dropout_prob = config.attn_dropout_prob
+        self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.resid_dropout = nn.Dropout(config.resid_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor,
+                past_key_values: GEARKVCache | None = None) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        heads = (batch, length, self.num_heads, self.head_dim)
+        query, key, value = self.wqkv(hidden_states).split(self.hidden_size, dim=-1)
+        query = apply_2d_rope(query.view(heads), rope_table).transpose(1, 2)
+        key = apply_2d_rope(key.view(heads), rope_table).transpose(1, 2)
+        value = value.view(heads).transpose(1, 2)
+
+        past = 0
+        if past_key_values is not None:
+            past = past_key_values.seq_length
+            key, value = past_key_values.update(self.layer_idx, key, value)
+        mask = None
+        if past > 0 and length > 1:  # a chunk appended to a cache: causal mask aligned to the bottom right
+            mask = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(diagonal=past)
+        attn = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=past == 0 and length > 1,
+            dropout_p=self.attn_dropout_prob if self.training else 0.0,
+        )
+        attn = attn.transpose(1, 2).reshape(batch, length, self.hidden_size)
+        return self.resid_dropout(self.wo(attn))
+
+
+class GEARDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm Llama block: `h = x + Attn(norm(x))`, `out = h + FFN(norm(h))`."""
+
+    def __init__(self, config: GEARConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = GEARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = GEARAttention(config, layer_idx)
+        self.ffn_norm = GEARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = GEARSwiGLU(config)
+
+    def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor,
+                past_key_values: GEARKVCache | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), rope_table,
+                                                       past_key_values=past_key_values)
+        return hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
+
+
+class GEARClassEmbedding(nn.Module):
+    """Class-label embedding; in training, labels become the null class with probability `class_dropout_prob`."""
+
+    def __init__(self, config: GEARConfig):
+        super().__init__()
+        self.null_class_id = config.null_class_id
+        self.dropout_prob = config.class_dropout_prob
+        self.embedding_table = nn.Embedding(config.num_class_embeddings, config.hidden_size)
+
+    def forward(self, class_labels: torch.Tensor) -> torch.Tensor:
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(class_labels.shape[0], device=class_labels.device) < self.dropout_prob
+            class_labels = torch.where(drop, self.null_class_id, class_labels)
+        return self.embedding_table(class_labels).unsqueeze(1)
+
+
+@dataclass
+class GEARCausalImageLMOutput(ModelOutput):
+    """Output of [`GEARForCausalImageLM`].
+
+    Args:
+        loss: mean next-token cross-entropy, when `labels` were given.
+        logits: `(B, S, vocab_size)` fp32 scores for every position fed in this call (class token first when
+            `class_labels` were given): `logits[:, t]` is the distribution of image token `past + t`, where `past`
+            is the number of positions already in the KV cache (0 without cache). `None` with `stop_at_layer`.
+        past_key_values: the [`GEARKVCache`] that was passed in, advanced past this call's positions.
+        hidden_states: with `output_hidden_states=True`, `(embeddings, after block 1, ..., after block n)`: entry 0
+            is the input sequence of block 1, entry i the residual stream after block i, before the final norm
+            (n = `stop_at_layer` or `num_hidden_layers`).
+        last_hidden_state: residual stream after the last block that ran (block `stop_at_layer` or the final block),
+            before the final norm; always set. This is the REPA tap / truncated soft branch of GEAR.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: GEARKVCache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+class GEARPreTrainedModel(PreTrainedModel):
+    config: GEARConfig
+    config_class = GEARConfig
+    base_model_prefix = "gear"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GEARDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Linear / Embedding ~ N(0, initializer_range), norms = 1 (base class); the LM head starts at zero.
+        super()._init_weights(module)
+        if module is getattr(self, "output", None):
+            init.zeros_(module.weight)
+
+
+class GEARForCausalImageLM(GEARPreTrainedModel, GenerationMixin):
+    """Class-conditional LlamaGen: `[class token] + image tokens` -> next image-token logits.
+
+    `forward(input_ids, class_labels)` is the teacher-forced pass: with `input_ids` the first `L - 1` tokens of a
+    `grid_size x grid_size` raster, `logits` holds the `L` next-token predictions. `input_probs` replaces
+    `input_ids` by a distribution over the codebook (GEAR's soft read-out), `stop_at_layer` truncates the pass
+    after a block. Images are sampled with [`generate_images`] (KV cache, classifier-free guidance).
+    """
+
+    def __init__(self, config: GEARConfig):
+        super().__init__(config)
+        self.cls_embedding = GEARClassEmbedding(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.tok_dropout = nn.Dropout(config.token_dropout_prob)
+        self.layers = nn.ModuleList(GEARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = GEARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.output = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rope_tables: dict[torch.device, torch.Tensor] = {}  # fp32, rebuilt per device, never saved
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.tok_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.output
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.output = value
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Class token + every image token."""
+        return self.config.cls_token_num + self.config.num_image_tokens
+
+    def rope_table(self, device: torch.device) -> torch.Tensor:
+        """fp32 2-D RoPE table for all `max_sequence_length` positions (a plain cached tensor, not a buffer)."""
+        device = torch.device(device)
+        if device not in self._rope_tables:
+            c = self.config
+            self._rope_tables[device] = build_2d_rope_table(c.grid_size, c.head_dim, c.rope_theta,
+                                                            c.cls_token_num).to(device)
+        return self._rope_tables[device]
+
+    def allocate_kv_cache(self, batch_size: int, max_length: int | None = None,
+                          dtype: torch.dtype | None = None) -> GEARKVCache:
+        """A static KV cache for `batch_size` rows and `max_length` positions (default: the full sequence)."""
+        c = self.config
+        return GEARKVCache(
+            num_layers=c.num_hidden_layers, batch_size=batch_size, num_heads=c.num_attention_heads,
+            head_dim=c.head_dim, max_length=max_length or self.max_sequence_length,
+            dtype=dtype or self.tok_embeddings.weight.dtype, device=self.tok_embeddings.weight.device,
+        )
+
+    def check_class_labels(self, class_labels: torch.Tensor, *, allow_null: bool = True) -> None:
+        """Raise ValueError unless every label is in [0, num_classes) or the embeddable null class."""
+        c = self.config
+        if class_labels.dim() != 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be a 1-D integer tensor (B,), got {class_labels.dtype} "
+                             f"{tuple(class_labels.shape)}.")
+        if class_labels.numel() == 0:
+            return
+        upper = c.num_classes + int(allow_null and c.has_null_class)  # exclusive
+        low, high = int(class_labels.min()), int(class_labels.max())
+        if low < 0 or high >= upper:
+            null_note = (f" (index {c.null_class_id} = null class)" if upper > c.num_classes else
+                         " (this model has no null class: class_dropout_prob == 0)" if allow_null else "")
+            raise ValueError(f"class_labels must lie in [0, {upper - 1}]{null_note}; got values in [{low}, {high}].")
+
+    def embed_image_tokens(self, input_ids: torch.Tensor | None, input_probs: torch.Tensor | None) -> torch.Tensor:
+        """Hard ids -> embedding rows; soft `input_probs` (B, T, K) -> `input_probs @ tok_embeddings.weight`."""
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+                raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}; pass distributions as input_probs=(B, T, K).")
+            return self.tok_embeddings(input_ids)
+        if input_probs.dim() != 3 or input_probs.shape[-1] != self.config.vocab_size:
+            raise ValueError(f"input_probs must have shape (B, T, {self.config.vocab_size}), got "
+                             f"{tuple(input_probs.shape)}.")
+        return input_probs @ self.tok_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
+        *,
+        input_probs: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        past_key_values: GEARKVCache | None = None,
+        output_hidden_states: bool | None = None,
+        stop_at_layer: int | None = None,
+        return_dict: bool | None = None,
+    ) -> GEARCausalImageLMOutput | tuple:
+        r"""Run the transformer on `[class token] + image tokens` (or on the next tokens of a cached sequence).
+
+        Args:
+            input_ids: `(B, T)` image-token ids in raster order (tokens `0..T-1`, or the next `T` tokens when a
+                cache already holds `past` positions).
+            class_labels: `(B,)` labels in `[0, num_classes]` (`num_classes` = null class). Required for an
+                empty/absent cache, forbidden once the cache holds the class token. In training mode each label is
+                replaced by the null class with probability `config.class_dropout_prob`.
+            input_probs: `(B, T, K)` distributions over the codebook instead of `input_ids` (soft read-out,
+                embedded as `input_probs @ tok_embeddings.weight`). Give at most one of the two.
+            labels: `(B, L)` target image tokens; `loss` is the mean cross-entropy of `logits[:, :L]` against them
+                (`-100` ignored). With `input_ids = labels[:, :-1]` this is the next-token loss.
+            past_key_values: a [`GEARKVCache`] from `allocate_kv_cache`; updated in place and advanced.
+            output_hidden_states: return the residual stream after every block that ran (see the output class).
+            stop_at_layer: `n` in `[1, num_hidden_layers]`: run blocks `1..n` only and return their output in
+                `last_hidden_state` (no later block, no final norm, no head; `logits` is None).
+        """
+        c = self.config
+        if input_ids is not None and input_probs is not None:
+            raise ValueError("Pass either input_ids (hard tokens) or input_probs (soft distributions), not both.")
+        if stop_at_layer is not None and not 1 <= stop_at_layer <= c.num_hidden_layers:
+            raise ValueError(f"stop_at_layer must be in [1, {c.num_hidden_layers}] (1-based block index), "
+                             f"got {stop_at_layer}.")
+        past = past_key_values.seq_length if past_key_values is not None else 0
+        if class_labels is None and past == 0:
+            raise ValueError("class_labels are required unless past_key_values already holds the class token.")
+        if class_labels is not None and past > 0:
+            raise ValueError(f"class_labels were given but the KV cache already holds {past} positions; pass only "
+                             "the next image tokens.")
+        if class_labels is None and input_ids is None and input_probs is None:
+            raise ValueError("Nothing to run: pass input_ids or input_probs.")
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = c.return_dict if return_dict is None else return_dict
+
+        # 1. Embed [class token] + image tokens, then token dropout over the whole sequence.
+        pieces = []
+        if class_labels is not None:
+            self.check_class_labels(class_labels)
+            pieces.append(self.cls_embedding(class_labels))
+        if input_ids is not None or input_probs is not None:
+            pieces.append(self.embed_image_tokens(input_ids, input_probs))
+        hidden_states = self.tok_dropout(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+
+        # 2. Rotary rows of the positions covered by this call.
+        length = hidden_states.shape[1]
+        if past + length > self.max_sequence_length:
+            raise ValueError(f"Sequence of {past + length} positions exceeds the model's {self.max_sequence_length} "
+                             f"(class token + {c.grid_size}x{c.grid_size} image tokens).")
+        rope_table = self.rope_table(hidden_states.device)[past : past + length]
+
+        # 3. Blocks (optionally truncated).
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers[: stop_at_layer or c.num_hidden_layers]:
+            hidden_states = layer(hidden_states, rope_table, past_key_values=past_key_values)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.advance(length)
+
+        # 4. Head.
+        logits = loss = None
+        if stop_at_layer is None:
+            logits = self.output(self.norm(hidden_states)).float()
+            if labels is not None:
+                if labels.shape[1] > logits.shape[1]:
+                    raise ValueError(f"labels cover {labels.shape[1]} positions but only {logits.shape[1]} logits "
+                                     "were computed; pass input_ids = labels[:, :-1].")
+                loss = F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1), labels.flatten())
+
+        output = GEARCausalImageLMOutput(loss=loss, logits=logits, past_key_values=past_key_values,
+                                         hidden_states=all_hidden_states, last_hidden_state=hidden_states)
+        return output if return_dict else output.to_tuple()
+
+    def generate_images(self, class_labels: torch.LongTensor, **sampling_kwargs) -> torch.LongTensor:
+        """Sample `(B, grid_size, grid_size)` image-token grids; see `gear_hf.sampling.generate_image_tokens`."""
+        from ..sampling import generate_image_tokens
+
+        return generate_image_tokens(self, class_labels, **sampling_kwargs)
+
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError(
+            "GEARForCausalImageLM samples image tokens with model.generate_images(class_labels, guidance_scale=..., "
+            "...) (static KV cache, classifier-free guidance); the text-oriented generate() is not supported."
+        )
+
+
+__all__ = [
+    "GEARRMSNorm",
+    "GEARSwiGLU",
+    "GEARKVCache",
+    "GEARAttention",
+    "GEARDecoderLayer",
+    "GEARClassEmbedding",
+    "GEARCausalImageLMOutput",
+    "GEARPreTrainedModel",
+    "GEARForCausalImageLM",
+    "build_2d_rope_table",
+    "apply_2d_rope",
+]

@@ -1,0 +1,293 @@
+"""Sampling image-token grids from a class-conditional GEAR / LlamaGen model.
+
+The loop is gpt-fast shaped: `prefill` runs the class token, `decode_one_token` one step of the static KV cache,
+`decode_n_tokens` the rest of the raster. Classifier-free guidance runs the conditional and the unconditional
+(null-class) sequence as one doubled batch `[cond; uncond]` and mixes the logits as `u + s * (c - u)` before the
+temperature, exactly as the official sampler. Nothing is allocated per step except the model's own activations,
+and nothing waits on the device (no `.item()`, no `torch.multinomial`): tokens are drawn with the Gumbel-max
+trick from per-row uniform noise, which makes per-sample generators possible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .models.modeling_gear_ar import GEARForCausalImageLM, GEARKVCache
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Resolved sampling settings; attached to every generated grid as `grid.sampling_config`.
+
+    Args:
+        guidance_scale: CFG scale `s` (>= 1); 1 disables guidance (no unconditional rows are run).
+        guidance_interval: official `cfg_interval`: `None` (or -1) guides every token; `n >= 0` guides image
+            tokens `0 .. n + 1` (the first token plus `n + 1` decode steps), then uses the conditional logits only.
+        do_sample: draw from the distribution; `False` takes the argmax (temperature/top-k/top-p then unused).
+        temperature: divides the (guided) logits; must be > 0 when sampling.
+        top_k: keep the `top_k` largest logits (all ties with the k-th kept); 0 disables. Values above the
+            codebook size are clamped to it with a warning (the filter is then a no-op).
+        top_p: nucleus filter in (0, 1]: keep the smallest prefix of the sorted distribution whose mass reaches
+            `top_p`, including the first token that crosses it; 1 disables.
+        preset: name of the preset the values started from, if any.
+    """
+
+    guidance_scale: float = 1.0
+    guidance_interval: int | None = None
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    preset: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def is_guided(self, token_index: int) -> bool:
+        """Whether image token `token_index` (0-based raster index) is sampled with guidance."""
+        if self.guidance_scale <= 1.0:
+            return False
+        return self.guidance_interval is None or token_index <= self.guidance_interval + 1
+
+
+SAMPLING_PRESETS: dict[str, SamplingConfig] = {
+    # Official GEAR gFID protocol (src/inference.py, scripts/eval_gfid.sh).
+    "fid": SamplingConfig(guidance_scale=1.0, top_k=0, top_p=1.0, temperature=1.0, preset="fid"),
+    # LlamaGen's demo settings: strong guidance, top-k 2000.
+    "demo": SamplingConfig(guidance_scale=4.0, top_k=2000, top_p=1.0, temperature=1.0, preset="demo"),
+}
+
+
+def resolve_sampling_config(preset: str | SamplingConfig | None = None, *, vocab_size: int | None = None,
+                            **overrides) -> SamplingConfig:
+    """Start from `preset` (a name in `SAMPLING_PRESETS`, a `SamplingConfig` or None = defaults), apply the
+    non-None `overrides`, validate, and clamp `top_k` to `vocab_size`."""
+    if preset is None:
+        settings = SamplingConfig()
+    elif isinstance(preset, SamplingConfig):
+        settings = preset
+    elif preset in SAMPLING_PRESETS:
+        settings = SAMPLING_PRESETS[preset]
+    else:
+        raise ValueError(f"Unknown sampling preset {preset!r}; choose one of {sorted(SAMPLING_PRESETS)} or None.")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(SamplingConfig)} - {"preset"}
+    if unknown:
+        raise TypeError(f"Unknown sampling arguments: {sorted(unknown)}.")
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if settings.guidance_interval == -1:
+        settings = dataclasses.replace(settings, guidance_interval=None)
+
+    s = settings
+    if not s.guidance_scale >= 1.0:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no guidance), got {s.guidance_scale}.")
+    if s.guidance_interval is not None and (not isinstance(s.guidance_interval, int) or s.guidance_interval < 0):
+        raise ValueError(f"guidance_interval must be None/-1 (always guide) or an int >= 0, got "
+                         f"{s.guidance_interval!r}.")
+    if not isinstance(s.top_k, int) or isinstance(s.top_k, bool) or s.top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 = no top-k filter), got {s.top_k!r}.")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {s.top_p}.")
+    if s.do_sample and not s.temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {s.temperature}; use do_sample=False for "
+                         "greedy decoding.")
+    if vocab_size is not None and s.top_k > vocab_size:
+        warnings.warn(f"top_k={s.top_k} exceeds the codebook size {vocab_size}; clamped to {vocab_size} "
+                      "(no top-k filtering).", stacklevel=4)  # -> caller of model.generate_images
+        settings = dataclasses.replace(settings, top_k=vocab_size)
+    return settings
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set filtered logits to -inf (out of place). Top-k keeps every logit >= the k-th largest (ties kept);
+    top-p keeps the sorted tokens up to and including the first whose cumulative probability exceeds `top_p`."""
+    if 0 < top_k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+        remove_sorted[..., 1:] = cumulative[..., :-1] > top_p  # shift: the token crossing top_p stays
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        logits = logits.masked_fill(remove, float("-inf"))
+    return logits
+
+
+def guide_logits(logits: torch.Tensor, batch_size: int, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on `[cond; uncond]` rows: `u + s * (c - u)`; plain rows pass through."""
+    if logits.shape[0] == batch_size:
+        return logits
+    cond, uncond = logits[:batch_size], logits[batch_size:]
+    return uncond + (cond - uncond) * guidance_scale
+
+
+class TokenPicker:
+    """Turns guided logits into tokens: argmax, or Gumbel-max sampling with per-row or shared generators.
+
+    The uniform noise buffer is allocated once. With a list of generators row `i` only consumes generator `i`, so a
+    sample's tokens do not depend on the batch it is drawn in.
+    """
+
+    def __init__(self, settings: SamplingConfig, batch_size: int, vocab_size: int, device: torch.device,
+                 generator: torch.Generator | list[torch.Generator] | None):
+        self.settings = settings
+        self.device = device
+        self.generators = generator if isinstance(generator, list) else None
+        self.shared_generator = generator if isinstance(generator, torch.Generator) else None
+        noise_device = device
+        if self.generators is not None:
+            noise_device = self.generators[0].device
+        elif self.shared_generator is not None:
+            noise_device = self.shared_generator.device
+        self.noise = torch.empty(batch_size, vocab_size, device=noise_device) if settings.do_sample else None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        if not s.do_sample:
+            return logits.argmax(dim=-1)
+        logits = filter_top_k_top_p(logits / s.temperature, s.top_k, s.top_p)
+        if self.generators is not None:
+            for row, generator in zip(self.noise, self.generators):
+                row.uniform_(generator=generator)
+        else:
+            self.noise.uniform_(generator=self.shared_generator)
+        noise = self.noise.to(self.device, non_blocking=True)
+        gumbel = -torch.log(-torch.log(noise))  # noise == 0 gives -inf: that token is never picked
+        return (logits + gumbel).argmax(dim=-1)
+
+
+def prefill(model: GEARForCausalImageLM, condition: torch.Tensor, cache: GEARKVCache) -> torch.Tensor:
+    """Run the class tokens of all rows into the empty cache; returns the logits of image token 0."""
+    return model(class_labels=condition, past_key_values=cache).logits[:, -1]
+
+
+def decode_one_token(model: GEARForCausalImageLM, token: torch.Tensor, cache: GEARKVCache) -> torch.Tensor:
+    """Feed one token per row `(rows, 1)`; returns the logits of the next position."""
+    return model(input_ids=token, past_key_values=cache).logits[:, -1]
+
+
+def decode_n_tokens(model: GEARForCausalImageLM, cache: GEARKVCache, tokens: torch.Tensor, start: int,
+                    pick: TokenPicker) -> None:
+    """Fill `tokens[:, start:]` in place; `tokens[:, start - 1]` must already hold a sampled token."""
+    batch_size = tokens.shape[0]
+    feed = torch.empty(cache.batch_size, 1, dtype=torch.long, device=tokens.device)
+    for t in range(start, tokens.shape[1]):
+        rows = cache.batch_size if pick.settings.is_guided(t) else batch_size  # unconditional half no longer read
+        feed.view(-1, batch_size)[:] = tokens[:, t - 1]  # same token for the cond and uncond rows
+        logits = decode_one_token(model, feed[:rows], cache)
+        tokens[:, t] = pick(guide_logits(logits, batch_size, pick.settings.guidance_scale))
+
+
+def _sample_with_cache(model, condition, tokens, pick) -> None:
+    cache = model.allocate_kv_cache(condition.shape[0])
+    logits = prefill(model, condition, cache)
+    tokens[:, 0] = pick(guide_logits(logits, tokens.shape[0], pick.settings.guidance_scale))
+    decode_n_tokens(model, cache, tokens, 1, pick)
+
+
+def _sample_without_cache(model, condition, tokens, pick) -> None:
+    """Reference loop: recompute the full prefix at every step (slow; for checks and benchmarks)."""
+    batch_size = tokens.shape[0]
+    for t in range(tokens.shape[1]):
+        rows = condition.shape[0] if pick.settings.is_guided(t) else batch_size
+        prefix = tokens[:, :t].repeat(rows // batch_size, 1) if t > 0 else None
+        logits = model(input_ids=prefix, class_labels=condition[:rows]).logits[:, -1]
+        tokens[:, t] = pick(guide_logits(logits, batch_size, pick.settings.guidance_scale))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()  # no class/token dropout while sampling
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def generate_image_tokens(
+    model: GEARForCausalImageLM,
+    class_labels: torch.Tensor | list[int],
+    *,
+    guidance_scale: float | None = None,
+    guidance_interval: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    preset: str | SamplingConfig | None = None,
+    use_cache: bool = True,
+) -> torch.LongTensor:
+    """Sample image-token grids `(B, grid_size, grid_size)` for `class_labels` (B,).
+
+    Settings start from `preset` (`"fid"`: the official evaluation, no guidance; `"demo"`: LlamaGen's demo,
+    guidance 4, top-k 2000; None: `SamplingConfig()` defaults = `"fid"`); any argument that is not None overrides
+    the preset. The resolved `SamplingConfig` is attached to the result as `grid.sampling_config` (a plain Python
+    attribute of the returned tensor: read it before moving/copying the tensor).
+
+    `generator` is one `torch.Generator` shared by the batch, or a list of B generators (one per sample, so each
+    sample is reproducible whatever the batch size), or None (global RNG). `use_cache=False` recomputes the whole
+    prefix every step (reference path, much slower). The model is put in eval mode for the call.
+    """
+    config = model.config
+    device = model.tok_embeddings.weight.device
+    # 1. Check inputs.
+    settings = resolve_sampling_config(
+        preset, vocab_size=config.vocab_size, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+    )
+    class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    model.check_class_labels(class_labels)
+    batch_size = class_labels.shape[0]
+    if batch_size == 0:
+        raise ValueError("class_labels is empty; pass at least one label.")
+    if isinstance(generator, (list, tuple)):
+        generator = list(generator)
+        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator must be one torch.Generator or a list of {batch_size} (one per sample); "
+                             f"got a list of {len(generator)}.")
+        if len({g.device for g in generator}) > 1:
+            raise ValueError("All per-sample generators must live on the same device.")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, a list of them or None; got {type(generator)}.")
+    guided = settings.guidance_scale > 1.0
+    if guided and not config.has_null_class:
+        raise ValueError("guidance_scale > 1 needs the null class, but this model has class_dropout_prob == 0 "
+                         "(no null-class embedding). Use guidance_scale=1.")
+
+    # 2. Conditioning rows: [cond; uncond] under guidance.
+    condition = class_labels
+    if guided:
+        condition = torch.cat([class_labels, torch.full_like(class_labels, config.null_class_id)])
+
+    # 3. Decode the raster.
+    tokens = torch.empty(batch_size, config.num_image_tokens, dtype=torch.long, device=device)
+    pick = TokenPicker(settings, batch_size, config.vocab_size, device, generator)
+    with torch.no_grad(), _eval_mode(model):
+        (_sample_with_cache if use_cache else _sample_without_cache)(model, condition, tokens, pick)
+
+    grid = tokens.view(batch_size, config.grid_size, config.grid_size)
+    grid.sampling_config = settings
+    return grid
+
+
+__all__ = [
+    "SamplingConfig",
+    "SAMPLING_PRESETS",
+    "resolve_sampling_config",
+    "filter_top_k_top_p",
+    "guide_logits",
+    "TokenPicker",
+    "prefill",
+    "decode_one_token",
+    "decode_n_tokens",
+    "generate_image_tokens",
+]
