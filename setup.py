@@ -10,9 +10,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    package_dir={"": "src"},
-    packages=find_packages("src"),
-    package_data={"gear_hf": ["assets/*.npz", "assets/*.md"]},
+    # Model-card templates live in the top-level model_cards/ and ship as gear_hf.model_cards.
+    package_dir={"": "src", "gear_hf.model_cards": "model_cards"},
+    packages=find_packages("src") + ["gear_hf.model_cards"],
+    package_data={"gear_hf": ["assets/*.npz", "assets/*.md"], "gear_hf.model_cards": ["*.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

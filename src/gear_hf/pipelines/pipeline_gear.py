@@ -1,0 +1,406 @@
+"""`GEARPipeline`: class-conditional image generation with a GEAR tokenizer and a LlamaGen AR generator.
+
+The pipeline is a `diffusers.DiffusionPipeline`, so it saves to / loads from a `model_index.json` folder (or Hub
+repo) with `vq_model/` and `transformer/` subfolders, supports `enable_model_cpu_offload()`, and follows diffusers'
+calling conventions (`generator`, `num_images_per_prompt`, `output_type`, `return_dict`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
+
+# Module-level imports on purpose: diffusers' loader finds component classes in `sys.modules` by the module path
+# written in model_index.json (e.g. "gear_hf.models.modeling_gear_tokenizer"). Keep these module paths stable.
+from ..models.modeling_gear_ar import GEARForCausalImageLM
+from ..models.modeling_gear_tokenizer import GEARTokenizerModel
+from ..sampling import SamplingConfig, resolve_sampling_config
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class GEARPipelineOutput(ImagePipelineOutput):
+    """Output of [`GEARPipeline`] (an `ImagePipelineOutput`).
+
+    Args:
+        images: a list of `PIL.Image.Image`, a float array `(B, H, W, 3)` in [0, 1] (`"np"`), a float tensor
+            `(B, 3, H, W)` in [0, 1] (`"pt"`) or the int64 token grids `(B, h, w)` (`"latent"`).
+        class_labels: the class id of every image, `(B,)` int64 (labels repeated `num_images_per_prompt` times).
+        sampling_config: every resolved sampling knob (preset, guidance, temperature, top-k/p), for the record.
+    """
+
+    class_labels: torch.Tensor | None = None
+    sampling_config: SamplingConfig | None = None
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] `(B, C, H, W)` -> uint8 `(B, H, W, C)` exactly as the official GEAR / LlamaGen sampler:
+    `clamp(127.5 * x + 128, 0, 255)` truncated (= round-half-up of `127.5 * (x + 1)`)."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def check_components_compatible(vq_model: Any, transformer: Any) -> None:
+    """Raise `ValueError` unless the AR generator predicts tokens the tokenizer can decode: same codebook size and
+    the same token grid (and pixel stride, so `transformer.config.image_size` is the size of the output)."""
+    if not isinstance(vq_model, GEARTokenizerModel):
+        raise TypeError(f"vq_model must be a GEARTokenizerModel, got {type(vq_model).__name__}.")
+    if not isinstance(transformer, GEARForCausalImageLM):
+        raise TypeError(f"transformer must be a GEARForCausalImageLM, got {type(transformer).__name__}.")
+    tok, ar = vq_model.config, transformer.config
+    if tok.codebook_size != ar.vocab_size:
+        raise ValueError(
+            f"The tokenizer has codebook_size={tok.codebook_size} but the AR generator predicts vocab_size="
+            f"{ar.vocab_size} token ids. Pair the generator with the tokenizer it was trained on (or build the AR "
+            f"with GEARConfig(vocab_size={tok.codebook_size}, ...))."
+        )
+    if tok.latent_size != ar.grid_size:
+        raise ValueError(
+            f"The AR generator samples a {ar.grid_size}x{ar.grid_size} token grid (image_size {ar.image_size} // "
+            f"downsample_factor {ar.downsample_factor}) but the tokenizer's grid is {tok.latent_size}x"
+            f"{tok.latent_size} (image_size {tok.image_size} // downsample_factor {tok.downsample_factor}). Use "
+            "matching image sizes, e.g. GEARConfig(image_size=..., downsample_factor=...) equal to the tokenizer's."
+        )
+    if tok.downsample_factor != ar.downsample_factor:
+        raise ValueError(
+            f"The AR generator assumes downsample_factor={ar.downsample_factor} (image_size {ar.image_size}) but the "
+            f"tokenizer decodes each token to {tok.downsample_factor}x{tok.downsample_factor} pixels, so images "
+            f"would be {ar.grid_size * tok.downsample_factor} px. Set GEARConfig(downsample_factor="
+            f"{tok.downsample_factor}, image_size={ar.grid_size * tok.downsample_factor})."
+        )
+
+
+def imagenet_id2label() -> dict[int, str]:
+    """The 1000 ImageNet-1k class names in the standard index order (sorted WordNet ids, as ImageFolder and the
+    ADM reference batch use), e.g. 207 -> "golden retriever". Read offline from timm's bundled class info."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return {i: info.index_to_description(i) for i in range(info.num_classes())}
+
+
+NAMED_LABEL_SETS = {"imagenet-1k": imagenet_id2label}
+
+
+def _normalize_id2label(id2label: Mapping | None, num_classes: int, source: str) -> dict[int, str] | None:
+    if id2label is None:
+        return None
+    if isinstance(id2label, str):
+        if id2label not in NAMED_LABEL_SETS:
+            raise ValueError(f"Unknown label set {id2label!r}; pass a dict {{class_id: name}} or one of "
+                             f"{sorted(NAMED_LABEL_SETS)}.")
+        id2label = NAMED_LABEL_SETS[id2label]()
+    if not isinstance(id2label, Mapping):
+        raise TypeError(f"{source} must be a dict {{class_id: name}}, got {type(id2label).__name__}.")
+    normalized = {}
+    for key, name in id2label.items():
+        try:
+            class_id = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{source} keys must be class ids (ints), got {key!r}.") from None
+        if not 0 <= class_id < num_classes:
+            raise ValueError(f"{source} has class id {class_id}, outside [0, {num_classes - 1}] for this "
+                             f"generator ({num_classes} classes).")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{source}[{class_id}] must be a non-empty string, got {name!r}.")
+        normalized[class_id] = name
+    return dict(sorted(normalized.items()))
+
+
+def _is_placeholder_id2label(id2label: Mapping | None) -> bool:
+    """transformers configs default to {0: "LABEL_0", 1: "LABEL_1"}: not real class names."""
+    return not id2label or all(str(name) == f"LABEL_{int(key)}" for key, name in id2label.items())
+
+
+class GEARPipeline(DiffusionPipeline):
+    r"""Class-conditional image generation with GEAR: an AR transformer samples a token grid, the tokenizer decodes
+    it to pixels.
+
+    Args:
+        vq_model ([`GEARTokenizerModel`]): the image tokenizer (VQ / LFQ / IBQ) that decodes tokens to images.
+        transformer ([`GEARForCausalImageLM`]): the class-conditional LlamaGen generator of image tokens. Its
+            `vocab_size` must equal the tokenizer's `codebook_size` and its token grid the tokenizer's grid.
+        text_encoder, tokenizer: reserved for text-to-image; must be None for now.
+        id2label (`dict[int, str]`, *optional*): class names, e.g. the ImageNet names (comma-separated synonyms
+            allowed: "tench" and "Tinca tinca" both work for "tench, Tinca tinca"), or `"imagenet-1k"` for the
+            standard ImageNet names. Defaults to `transformer.config.id2label` when that holds real names. Saved
+            in `model_index.json`; can be replaced later with `pipe.id2label = {...}`.
+
+    ```python
+    >>> pipe = GEARPipeline.from_pretrained("me/gear-vq-llamagen-b")
+    >>> images = pipe("golden retriever", preset="demo", generator=torch.Generator().manual_seed(0)).images
+    >>> gens = [torch.Generator().manual_seed(i) for i in range(8)]  # one per image: batch-independent results
+    >>> out = pipe([207, 360, 387, 974] * 2, preset="fid", generator=gens, output_type="np")
+    ```
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vq_model"
+    _optional_components = ["text_encoder", "tokenizer"]
+
+    def __init__(
+        self,
+        vq_model: GEARTokenizerModel,
+        transformer: GEARForCausalImageLM,
+        text_encoder: Any = None,
+        tokenizer: Any = None,
+        id2label: dict | str | None = None,  # {class_id: name} (str keys in model_index.json)
+    ):
+        super().__init__()
+        check_components_compatible(vq_model, transformer)
+        if text_encoder is not None or tokenizer is not None:
+            raise NotImplementedError(
+                "GEARPipeline is class-conditional for now; text_encoder and tokenizer are reserved for "
+                "text-to-image and must be None."
+            )
+        self.register_modules(vq_model=vq_model, transformer=transformer, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
+        self.id2label = id2label
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vq_model.config.downsample_factor,
+                                                 do_resize=False, do_normalize=True)
+
+    # ------------------------------------------------------------------------------------------- labels
+    @property
+    def num_classes(self) -> int:
+        return self.transformer.config.num_classes
+
+    @property
+    def image_size(self) -> int:
+        """Side of the generated images in pixels."""
+        return self.transformer.config.grid_size * self.vq_model.config.downsample_factor
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """Class id -> name: the pipeline's `id2label`, else the transformer config's (if it holds real names)."""
+        own = self.config.get("id2label")
+        if own:
+            return {int(k): v for k, v in sorted(own.items(), key=lambda kv: int(kv[0]))}
+        from_config = getattr(self.transformer.config, "id2label", None)
+        if _is_placeholder_id2label(from_config):
+            return {}
+        return _normalize_id2label(from_config, self.num_classes, "transformer.config.id2label") or {}
+
+    @id2label.setter
+    def id2label(self, id2label: Mapping | str | None) -> None:
+        id2label = _normalize_id2label(id2label, self.num_classes, "id2label")
+        self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
+
+    def _name_table(self) -> dict[str, list[int]]:
+        """Lower-cased name (the full string and each comma-separated synonym) -> class ids carrying it."""
+        table: dict[str, list[int]] = {}
+        for class_id, name in self.id2label.items():
+            for synonym in dict.fromkeys(n.strip().lower() for n in [name, *name.split(",")]):
+                table.setdefault(synonym, []).append(class_id)
+        return table
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Lower-cased name (the full string and each comma-separated synonym) -> class id (the first if shared)."""
+        return {name: ids[0] for name, ids in self._name_table().items()}
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Map class names (case-insensitive, any comma-separated synonym) to class ids."""
+        labels = [label] if isinstance(label, str) else list(label)
+        id2label = self.id2label
+        if not id2label:
+            raise ValueError(
+                "This pipeline has no class names: pass integer class ids, or set names with "
+                "GEARPipeline(..., id2label={0: 'tench', ...} or 'imagenet-1k') / pipe.id2label = {...}."
+            )
+        table = self._name_table()
+        ids = []
+        for name in labels:
+            key = name.strip().lower()
+            if key not in table:
+                close = difflib.get_close_matches(key, list(table), n=3)
+                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"Unknown class name {name!r}.{hint} See pipe.id2label for the {len(id2label)} "
+                                 f"names, or pass integer class ids in [0, {self.num_classes - 1}].")
+            if len(table[key]) > 1:
+                matches = table[key]
+                raise ValueError(f"Class name {name!r} is ambiguous: classes {matches} "
+                                 f"({', '.join(repr(id2label[i]) for i in matches)}). Pass the class id instead.")
+            ids.append(table[key][0])
+        return ids
+
+    def _resolve_class_labels(self, class_labels: Any) -> list[int]:
+        if isinstance(class_labels, torch.Tensor):
+            if class_labels.is_floating_point() or class_labels.is_complex():
+                raise ValueError(f"class_labels as a tensor must hold integer class ids, got {class_labels.dtype}.")
+            class_labels = class_labels.cpu().numpy()
+        if isinstance(class_labels, np.ndarray):
+            if class_labels.ndim > 1 or not np.issubdtype(class_labels.dtype, np.integer):
+                raise ValueError(f"class_labels as an array must be 0-D or 1-D integers, got {class_labels.dtype} "
+                                 f"of shape {tuple(class_labels.shape)}.")
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (str, numbers.Integral)):
+            class_labels = [class_labels]
+        elif not isinstance(class_labels, Sequence):
+            raise TypeError(f"class_labels must be an int, a class name, or a list of them; got "
+                            f"{type(class_labels).__name__}.")
+        if len(class_labels) == 0:
+            raise ValueError("class_labels is empty; pass at least one class id or name.")
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids(label))
+            elif isinstance(label, numbers.Integral) and not isinstance(label, (bool, np.bool_)):
+                if not 0 <= int(label) < self.num_classes:
+                    raise ValueError(f"Class id {int(label)} is out of range: this generator has "
+                                     f"{self.num_classes} classes, pass ids in [0, {self.num_classes - 1}].")
+                ids.append(int(label))
+            else:
+                raise TypeError(f"Each class label must be an int id or a class name (str), got {label!r}.")
+        return ids
+
+    # ------------------------------------------------------------------------------------------- checks
+    def check_inputs(self, class_ids: list[int], num_images_per_prompt: int, generator: Any, output_type: str,
+                     sampling: dict[str, Any]) -> SamplingConfig:
+        """Validate everything before any compute; returns the resolved sampling settings."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES} ('latent' returns the token grids), "
+                             f"got {output_type!r}.")
+        if not isinstance(num_images_per_prompt, numbers.Integral) or isinstance(num_images_per_prompt, bool) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
+        total = len(class_ids) * int(num_images_per_prompt)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != total:
+                raise ValueError(
+                    f"Got a list of {len(generator)} generators for {total} images ({len(class_ids)} labels x "
+                    f"num_images_per_prompt={num_images_per_prompt}); pass exactly one generator per image, or a "
+                    "single torch.Generator."
+                )
+            if not all(isinstance(g, torch.Generator) for g in generator):
+                raise TypeError("generator lists must contain only torch.Generator objects.")
+            if len({g.device for g in generator}) > 1:
+                raise ValueError("All generators of the list must be on the same device.")
+        elif generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, a list of them (one per image) or None; got "
+                            f"{type(generator).__name__}.")
+        settings = resolve_sampling_config(vocab_size=self.transformer.config.vocab_size, **sampling)
+        if settings.guidance_scale > 1.0 and not self.transformer.config.has_null_class:
+            raise ValueError(
+                f"guidance_scale={settings.guidance_scale} needs the null class, but this generator was built "
+                "without one (class_dropout_prob == 0). Use guidance_scale=1.0 (e.g. preset='fid')."
+            )
+        return settings
+
+    # ------------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        guidance_scale: float | None = None,
+        guidance_interval: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        do_sample: bool | None = None,
+        preset: str | SamplingConfig | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> GEARPipelineOutput | tuple:
+        r"""Generate images of the given classes.
+
+        Args:
+            class_labels: class ids (`int`, list, 1-D tensor) and/or class names from `pipe.id2label`.
+            guidance_scale: classifier-free guidance scale (1 = off). None takes the preset's value.
+            guidance_interval: guide only image tokens `0 .. n + 1` (official `cfg_interval`); None = all.
+            temperature, top_k, top_p, do_sample: sampling knobs (top_k 0 / top_p 1 disable the filters;
+                `do_sample=False` is greedy). None takes the preset's value.
+            preset: `"fid"` (GEAR's evaluation protocol: guidance 1, top-k 0, top-p 1, temperature 1 — also what
+                None gives) or `"demo"` (LlamaGen's demo: guidance 4, top-k 2000); explicit arguments override it.
+            num_images_per_prompt: images per label (a label's images are adjacent in the output).
+            generator: one `torch.Generator` for the batch, or one per image (`len(class_labels) *
+                num_images_per_prompt`): image i then depends only on its label and `generator[i]`, not on the
+                batch it is generated in.
+            output_type: `"pil"` (uint8 rounding of the official sampler), `"np"` / `"pt"` (float in [0, 1],
+                `VaeImageProcessor` layout), or `"latent"` (the int64 token grids, not decoded).
+            return_dict: return a [`GEARPipelineOutput`] (else a tuple `(images,)`).
+        """
+        # 1. Check inputs.
+        class_ids = self._resolve_class_labels(class_labels)
+        settings = self.check_inputs(
+            class_ids, num_images_per_prompt, generator, output_type,
+            dict(preset=preset, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                 temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample),
+        )
+        device = self._execution_device
+
+        # 2. Prepare labels: each label repeated num_images_per_prompt times, adjacent.
+        labels = torch.tensor(class_ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_prompt)
+
+        # 3. Sample the token grids; one transformer forward = one decoded token, which drives the progress bar.
+        num_tokens = self.transformer.config.num_image_tokens
+        with self.progress_bar(total=num_tokens) as progress_bar:
+
+            def count_step(*_):  # a forward hook must return None (a value would replace the model output)
+                progress_bar.update()
+
+            hook = self.transformer.register_forward_hook(count_step)
+            try:
+                tokens = self.transformer.generate_images(labels, preset=settings, generator=generator)
+            finally:
+                hook.remove()
+        settings = getattr(tokens, "sampling_config", settings)
+
+        # 4. Decode the tokens to pixels (skipped for output_type="latent").
+        if output_type == "latent":
+            images = tokens
+        else:
+            decoded = self.vq_model.decode(tokens)
+
+            # 5. Postprocess: clamp to [-1, 1]; PIL via the official uint8 rounding, np/pt as VaeImageProcessor.
+            decoded = decoded.float().clamp(-1, 1)
+            if output_type == "pil":
+                images = [PIL.Image.fromarray(array) for array in to_uint8(decoded).cpu().numpy()]
+            else:
+                images = self.image_processor.postprocess(decoded, output_type=output_type)
+
+        # 6. Offload hooks.
+        self.maybe_free_model_hooks()
+
+        # 7. Output.
+        if not return_dict:
+            return (images,)
+        return GEARPipelineOutput(images=images, class_labels=labels.cpu(), sampling_config=settings)
+
+    # ------------------------------------------------------------------------------------------- hub
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, api=None, model_card=None, **card_kwargs):
+        """Upload the pipeline (model_index.json, vq_model/, transformer/) with a gear_hf model card.
+
+        Card arguments (license, datasets, tags, training, metrics, ...) go to `gear_hf.hub.create_model_card`;
+        see `gear_hf.hub.push_to_hub` for `api` and `model_card`.
+        """
+        from ..hub import push_to_hub
+
+        return push_to_hub(self, repo_id, api=api, token=token, private=private, commit_message=commit_message,
+                           create_pr=create_pr, model_card=model_card, **card_kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str | None = None, push_to_hub: bool = False, **kwargs):
+        """diffusers' `save_pretrained`; with `push_to_hub=True` the folder is then uploaded with a gear_hf model
+        card (kwargs: `repo_id`, `commit_message`, `private`, `token`, `create_pr`, `api` and card arguments)."""
+        save_kwargs = {k: kwargs.pop(k) for k in ("use_flashpack",) if k in kwargs}
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size, push_to_hub=False, **save_kwargs)
+        if push_to_hub:
+            from ..hub import upload_saved_folder
+
+            repo_id = kwargs.pop("repo_id", str(save_directory).rstrip("/").split("/")[-1])
+            return upload_saved_folder(self, save_directory, repo_id, **kwargs)
+
+
+__all__ = ["GEARPipeline", "GEARPipelineOutput", "check_components_compatible", "imagenet_id2label", "to_uint8"]
