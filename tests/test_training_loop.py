@@ -1,0 +1,398 @@
+"""The accelerate training loop: exact resume, atomic checkpoints, 2-process DDP on CPU, config errors.
+
+Everything runs on the tiny CPU preset (`configs/tiny/`) in fp32 with one intra-op thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from gear_hf.training import checkpointing as ckpt
+from gear_hf.training import trainer as trainer_module
+from gear_hf.training.config import TrainingConfig
+from gear_hf.training.trainer import GEARTrainer, TrainingSetupError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {stage: REPO / "configs" / "tiny" / f"stage{stage}.yaml" for stage in (0, 1, 2)}
+PYTHON = sys.executable
+
+# 8 images, global batch 4 → 2 batches per epoch: a resume at step 3 is mid-epoch in epoch 1.
+COMMON = [
+    "data.max_samples=8",
+    "train.train_batch_size=4",
+    "train.log_every=2",
+    "train.stats_every=2",
+    "train.sample_every=0",
+    "train.checkpointing_steps=0",
+    "train.report_to=none",
+    "train.export_pipeline=false",
+]
+N = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the CI box has 2 shared cores; threads only add contention
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(out: Path, *overrides: str, stage: int = 1) -> TrainingConfig:
+    return TrainingConfig.from_yaml(TINY[stage], [f"train.output_dir={out}", *COMMON, *overrides])
+
+
+def _named_tensors(obj, prefix=""):
+    """Flatten nested dicts/lists of tensors (state dicts, optimizer states) into {path: tensor}."""
+    out = {}
+    if torch.is_tensor(obj):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_named_tensors(value, f"{prefix}/{key}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            out.update(_named_tensors(value, f"{prefix}/{i}"))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def snapshot(tr: GEARTrainer) -> dict:
+    from gear_hf.training.gear_step import unwrap
+
+    state = {}
+    for name in ("tokenizer", "ar", "projector", "discriminator"):
+        module = getattr(tr, name)
+        if module is not None:
+            state[name] = {k: v.clone() for k, v in unwrap(module).state_dict().items()}
+    for name in ("opt_tok", "opt_ar", "opt_disc", "sched_tok", "sched_ar", "sched_disc"):
+        obj = getattr(tr, name)
+        if obj is not None:
+            state[name] = _named_tensors(obj.state_dict())
+    for name in ("tokenizer_ema", "ar_ema"):
+        ema = getattr(tr, name)
+        if ema is not None:
+            state[name] = _named_tensors(ema.state_dict())
+    state["step"] = tr.global_step
+    state["data"] = (tr.epoch, tr.batches_in_epoch)
+    return state
+
+
+def assert_identical(a: dict, b: dict, path=""):
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path}: {sorted(set(a) ^ set(b))}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}/{key}")
+    elif torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """N stage-1 steps in one go (module-scoped: reused by several tests)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("straight")
+    tr = GEARTrainer(tiny_config(out, f"train.max_train_steps={N}"))
+    result = tr.train()
+    assert result["status"] == "finished" and result["global_step"] == N
+    return out, snapshot(tr), tr.last_logs
+
+
+def test_exact_resume_after_sigterm(straight_run, tmp_path, monkeypatch):
+    """N/2 steps, SIGTERM → checkpoint + clean exit, resume, N/2 more == N straight (bit-identical, fp32 CPU):
+    parameters, both EMAs, all optimizer/scheduler states and the data position. The resume lands mid-epoch in
+    epoch 1 (accelerate#2016/#2823/#4071-class bugs)."""
+    _, expected, expected_logs = straight_run
+    step_fn = trainer_module.STEP_FUNCTIONS[1]
+    calls = {"n": 0}
+
+    def step_then_sigterm(*args, **kwargs):
+        logs = step_fn(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == N // 2:
+            signal.raise_signal(signal.SIGTERM)  # handled by the trainer: save at this step boundary
+        return logs
+
+    monkeypatch.setitem(trainer_module.STEP_FUNCTIONS, 1, step_then_sigterm)
+    first = GEARTrainer(tiny_config(tmp_path, f"train.max_train_steps={N}"))
+    result = first.train()
+    assert result == {"global_step": N // 2, "status": "interrupted", "output_dir": str(tmp_path)}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    saved = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert saved.name == ckpt.checkpoint_name(N // 2)
+    state = ckpt.read_state(saved)
+    assert (state["epoch"], state["batches_in_epoch"]) == (1, 1)
+    assert not (tmp_path / "tokenizer").exists()  # an interrupted run exports nothing
+    monkeypatch.setitem(trainer_module.STEP_FUNCTIONS, 1, step_fn)
+
+    second = GEARTrainer(tiny_config(tmp_path, f"train.max_train_steps={N}"))
+    assert second.train(resume_from_checkpoint="latest")["status"] == "finished"
+    assert_identical(snapshot(second), expected)
+    assert second.last_logs["ar/ntp_loss"] == expected_logs["ar/ntp_loss"]
+    # from_pretrained exports of the EMAs.
+    from gear_hf.models.modeling_gear_ar import GEARForCausalImageLM
+
+    ar = GEARForCausalImageLM.from_pretrained(tmp_path / "ar")
+    for key, value in ar.state_dict().items():
+        assert torch.equal(value, expected["ar_ema"][f"/model/{key}"]), key
+
+
+@pytest.mark.parametrize(
+    "stage, overrides",
+    [
+        (0, []),  # tokenizer warm-up: tokenizer + EMA (with buffers) + discriminator
+        (1, ["train.gradient_accumulation_steps=2"]),  # accumulation: resume at a sync boundary
+        (2, ["train.init_from=null", "tokenizer.config.z_channels=32", "tokenizer.config.quantizer=vq",
+             "tokenizer.config.codebook_size=64",
+             "tokenizer.config.image_size=32", "tokenizer.config.base_channels=32",
+             "tokenizer.config.channel_multipliers=[1,1,2]", "tokenizer.config.num_res_blocks=1",
+             "tokenizer.config.attention_levels=[]"]),  # frozen (fresh) tokenizer + AR
+    ],
+)
+def test_exact_resume_other_stages(tmp_path, stage, overrides):
+    steps = 4
+    straight = GEARTrainer(tiny_config(tmp_path / "a", f"train.max_train_steps={steps}", *overrides, stage=stage))
+    straight.train()
+    first = GEARTrainer(tiny_config(tmp_path / "b", f"train.max_train_steps={steps // 2}", *overrides, stage=stage))
+    first.train()
+    resumed = GEARTrainer(tiny_config(tmp_path / "b", f"train.max_train_steps={steps}", *overrides, stage=stage))
+    resumed.train(resume_from_checkpoint="latest")
+    assert_identical(snapshot(resumed), snapshot(straight))
+
+
+def test_nonfinite_and_zero_grad_alarms(tmp_path, monkeypatch, capsys):
+    step_fn = trainer_module.STEP_FUNCTIONS[1]
+
+    def poisoned(*args, **kwargs):
+        logs = step_fn(*args, **kwargs)
+        logs["grad_norm/ar"] = torch.zeros(())  # as if the AR received no gradient
+        logs["tokenizer/l1"] = torch.tensor(float("nan"))
+        return logs
+
+    monkeypatch.setitem(trainer_module.STEP_FUNCTIONS, 1, poisoned)
+    tr = GEARTrainer(tiny_config(tmp_path, "train.max_train_steps=2", "train.log_every=2",
+                                 "train.zero_grad_alarm_steps=2"))
+    tr.train()
+    out = capsys.readouterr().out
+    assert "ALARM: Non-finite values at step 2: tokenizer/l1" in out
+    assert "ALARM: grad_norm/ar has been exactly 0 for 2 consecutive steps" in out
+    tr = GEARTrainer(tiny_config(tmp_path / "abort", "train.max_train_steps=2", "train.log_every=1",
+                                 "train.abort_on_nonfinite=true"))
+    with pytest.raises(FloatingPointError, match="tokenizer/l1"):
+        tr.train()
+
+
+def test_atomic_checkpoints_ignore_interrupted_saves(straight_run, tmp_path):
+    out, expected, _ = straight_run
+    root = tmp_path / "checkpoints"
+    shutil.copytree(out / "checkpoints", root)
+    latest = ckpt.latest_checkpoint(root)
+    assert latest.name == ckpt.checkpoint_name(N)
+    # A save killed before the rename leaves a temp dir; a dir without the state file is incomplete too.
+    (root / f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(N + 1)}").mkdir()
+    (root / f"{ckpt.TMP_PREFIX}{ckpt.checkpoint_name(N + 1)}" / "model.safetensors").write_bytes(b"garbage")
+    (root / ckpt.checkpoint_name(N + 2)).mkdir()
+    assert ckpt.latest_checkpoint(root) == latest
+    assert ckpt.resolve_resume_path("latest", tmp_path) == latest
+    assert ckpt.resolve_resume_path(str(tmp_path), tmp_path / "elsewhere") == latest
+
+    # Resuming from it and saving again cleans the leftovers, keeps `checkpoints_total_limit`.
+    tr = GEARTrainer(tiny_config(tmp_path, f"train.max_train_steps={N + 1}", "train.checkpoints_total_limit=1"))
+    tr.train(resume_from_checkpoint="latest")
+    names = sorted(p.name for p in root.iterdir())
+    assert names == [ckpt.checkpoint_name(N + 1), ckpt.checkpoint_name(N + 2)]  # incomplete dir is not ours to delete
+    assert ckpt.latest_checkpoint(root).name == ckpt.checkpoint_name(N + 1)
+    assert json.loads((root / ckpt.checkpoint_name(N + 1) / ckpt.STATE_FILE).read_text())["global_step"] == N + 1
+
+
+def test_resume_with_other_config_is_one_clear_error(straight_run, tmp_path):
+    out, _, _ = straight_run
+    shutil.copytree(out / "checkpoints", tmp_path / "checkpoints")
+    tr = GEARTrainer(tiny_config(tmp_path, f"train.max_train_steps={N + 1}", "ar.config.hidden_size=32",
+                                 "ar.config.intermediate_size=64"))
+    with pytest.raises(ckpt.CheckpointCompatibilityError, match=r"ar\.hidden_size: checkpoint=64, current=32"):
+        tr.train(resume_from_checkpoint="latest")
+    tr = GEARTrainer(tiny_config(tmp_path, f"train.max_train_steps={N + 1}", "tokenizer.config.quantizer=lfq",
+                                 "tokenizer.config.codebook_embed_dim=null", "tokenizer.config.z_channels=null"))
+    with pytest.raises(ckpt.CheckpointCompatibilityError, match="tokenizer.quantizer"):
+        tr.train(resume_from_checkpoint=str(tmp_path / "checkpoints"))
+    with pytest.raises(TrainingSetupError, match="not a complete checkpoint"):
+        GEARTrainer(tiny_config(tmp_path)).train(resume_from_checkpoint=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["train.not_a_key=1"], ValueError, r"Unknown config key 'train.not_a_key'"),
+        (["gear.tempreature=0.1"], ValueError, r"Did you mean 'gear.temperature'"),
+        (["gear.temperature=0"], ValueError, r"τ\) must be > 0"),
+        (["gear.temperature=-0.5"], ValueError, r"τ\) must be > 0"),
+        (["train.stage=3"], ValueError, r"train.stage' must be one of"),
+    ],
+)
+def test_config_errors(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        tiny_config(tmp_path, *overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["gear.align_layer=3"], r"gear.align_layer \(ℓ\) = 3 must be in \[1, 2\]"),
+        (["data.image_size=30"], r"data.image_size=30 is not divisible by the tokenizer's downsample factor 4"),
+        (["train.train_batch_size=3", "train.gradient_accumulation_steps=2"], r"GLOBAL batch"),
+        (["data.source=imagefolder", "data.path={empty}"], r"No images found"),
+        (["ar.config.vocab_size=10"], r"ar.vocab_size=10 does not match the tokenizer"),
+    ],
+)
+def test_setup_errors(tmp_path, overrides, match):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tiny_config(tmp_path / "out", *[o.format(empty=empty) for o in overrides])
+    with pytest.raises(TrainingSetupError, match=match):
+        GEARTrainer(cfg).build()
+
+
+def test_teacher_grid_mismatch_says_resize(tmp_path, monkeypatch):
+    from gear_hf.training.alignment import DINOv2Teacher
+
+    original = DINOv2Teacher.preprocess
+
+    def wrong_size(self, images):  # a teacher whose patch grid is half the token grid
+        x = original(self, images)
+        return torch.nn.functional.interpolate(x, scale_factor=0.5)
+
+    monkeypatch.setattr(DINOv2Teacher, "preprocess", wrong_size)
+    with pytest.raises(TrainingSetupError, match=r"(?s)grid mismatch.*Resize"):
+        GEARTrainer(tiny_config(tmp_path)).build()
+
+
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from gear_hf.training.config import TrainingConfig
+    from gear_hf.training.trainer import GEARTrainer
+    from gear_hf.training.gear_step import unwrap
+    cfg = TrainingConfig.from_yaml(sys.argv[1], sys.argv[3:])
+    tr = GEARTrainer(cfg)
+    result = tr.train()
+    acc = tr.accelerator
+    state = {name: {k: v.detach().clone() for k, v in unwrap(getattr(tr, name)).named_parameters()}
+             for name in ("tokenizer", "ar", "projector", "discriminator")}
+    state["tokenizer_ema"] = {k: v.clone() for k, v in tr.tokenizer_ema.model.state_dict().items()}
+    state["ar_ema"] = {k: v.clone() for k, v in tr.ar_ema.model.state_dict().items()}
+    state["meta"] = [acc.num_processes, str(acc.distributed_type), result["global_step"], tr.per_device_batch_size]
+    torch.save(state, f"{sys.argv[2]}/rank{acc.process_index}.pt")
+    """
+)
+
+
+def _run_two_processes(tmp_path, *extra):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    out = tmp_path / "out"
+    overrides = [f"train.output_dir={out}", *COMMON, "train.max_train_steps=3", "train.log_every=1", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(TINY[1]), str(tmp_path), *overrides]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    meta = rank0.pop("meta")
+    rank1.pop("meta")
+    return out, meta, rank0, rank1
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    """2 processes (torchrun, gloo): a few stage-1 steps leave bit-identical parameters and EMAs on both ranks."""
+    out, meta, rank0, rank1 = _run_two_processes(tmp_path)
+    assert meta == [2, "DistributedType.MULTI_CPU", 3, 2]
+    assert_identical(rank0, rank1)
+    assert (out / "checkpoints" / ckpt.checkpoint_name(3) / "random_states_1.pkl").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
+    """Experimental DeepSpeed path: ZeRO-2, one engine per trainable module, 2 CPU processes (gloo)."""
+    pytest.importorskip("deepspeed")
+    config = REPO / "configs" / "accelerate" / "deepspeed_zero2.json"
+    out, meta, rank0, rank1 = _run_two_processes(tmp_path, f"train.deepspeed_config={config}")
+    assert meta == [2, "DistributedType.DEEPSPEED", 3, 2]
+    assert_identical(rank0, rank1)
+    saved = out / "checkpoints" / ckpt.checkpoint_name(3)
+    assert (saved / "pytorch_model").is_dir() and (saved / "ar" / "pytorch_model").is_dir()
+    assert (saved / "discriminator" / "pytorch_model").is_dir()
+
+
+def test_stage_chain_through_the_scripts(tmp_path, capsys):
+    """Stage 0 → 1 → 2 via the scripts' `main` with `--init-from`; weights are carried over as documented."""
+    from safetensors.torch import load_file
+
+    from gear_hf.models.modeling_gear_tokenizer import GEARTokenizerModel
+    from gear_hf.training.gear_step import unwrap
+    from gear_hf.training.trainer import main
+
+    common = ["--max-train-steps", "1", "--set", "data.max_samples=4", "--set", "train.report_to=none",
+              "--set", "train.sample_every=1", "--set", "train.stats_every=1", "--set", "train.num_sample_images=2"]
+    s0, s1, s2 = (tmp_path / f"s{i}" for i in range(3))
+    assert main(0, ["--config", str(TINY[0]), "--output-dir", str(s0), *common]) == 0
+    assert {"checkpoints", "raw", "samples", "tokenizer"} <= {p.name for p in s0.iterdir()}
+    assert not (s0 / "ar").exists()
+
+    cfg = TrainingConfig.from_yaml(TINY[1], [f"train.output_dir={s1}", f"train.init_from={s0}", "train.report_to=none",
+                                             "data.max_samples=4"])
+    tr = GEARTrainer(cfg).build()
+    live = GEARTokenizerModel.from_pretrained(s0 / "raw" / "tokenizer").state_dict()
+    ema = GEARTokenizerModel.from_pretrained(s0 / "tokenizer").state_dict()
+    assert all(torch.equal(v, live[k]) for k, v in unwrap(tr.tokenizer).state_dict().items())
+    assert all(torch.equal(v, ema[k]) for k, v in tr.tokenizer_ema.model.state_dict().items())
+    disc = load_file(str(s0 / "raw" / "discriminator.safetensors"))
+    assert all(torch.equal(v, disc[k]) for k, v in unwrap(tr.discriminator).state_dict().items())
+    tr.accelerator.end_training()
+
+    assert main(1, ["--config", str(TINY[1]), "--output-dir", str(s1), "--init-from", str(s0), *common]) == 0
+    assert (s1 / "pipeline" / "model_index.json").is_file()
+    assert (s1 / "samples" / "step_00000001_samples.png").is_file()
+    assert main(2, ["--config", str(TINY[2]), "--output-dir", str(s2), "--init-from", str(s1), *common]) == 0
+    assert json.loads((s2 / "export.json").read_text())["stage"] == 2
+
+    # A config of another stage, and a bad key, are one-line errors (exit code 2).
+    capsys.readouterr()
+    assert main(2, ["--config", str(TINY[1])]) == 2
+    assert "is a stage-1 config; run it with scripts/train_gear.py" in capsys.readouterr().err
+    assert main(1, ["--config", str(TINY[1]), "--set", "gear.align_layer=9", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "gear.align_layer (ℓ) = 9 must be in [1, 2]" in capsys.readouterr().err
+
+
+def test_every_preset_parses():
+    """Official and tiny presets load; preset names and ℓ are valid for the chosen AR size."""
+    from gear_hf.models.configuration_gear_ar import GEARConfig
+    from gear_hf.models.configuration_gear_tokenizer import GEARTokenizerConfig
+
+    files = sorted((REPO / "configs").glob("stage*/*.yaml")) + sorted((REPO / "configs" / "tiny").glob("*.yaml"))
+    assert len(files) >= 20
+    for path in files:
+        cfg = TrainingConfig.from_yaml(path)
+        assert path.parent.name == "tiny" or path.parent.name == f"stage{cfg.train.stage}", path
+        if cfg.tokenizer.preset:
+            GEARTokenizerConfig.from_preset(cfg.tokenizer.preset, **cfg.tokenizer.config)
+        if cfg.train.stage > 0:
+            ar = (GEARConfig.from_preset(cfg.ar.preset, **cfg.ar.config) if cfg.ar.preset
+                  else GEARConfig(**{"vocab_size": 64, "image_size": 32, "downsample_factor": 4, **cfg.ar.config}))
+            assert 1 <= cfg.gear.align_layer <= ar.num_hidden_layers, path
