@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,7 +175,7 @@ def decode_one_token(model: GEARForCausalImageLM, token: torch.Tensor, cache: GE
 
 
 def decode_n_tokens(model: GEARForCausalImageLM, cache: GEARKVCache, tokens: torch.Tensor, start: int,
-                    pick: TokenPicker) -> None:
+                    pick: TokenPicker, callback: Callable[[int], None] | None = None) -> None:
     """Fill `tokens[:, start:]` in place; `tokens[:, start - 1]` must already hold a sampled token."""
     batch_size = tokens.shape[0]
     feed = torch.empty(cache.batch_size, 1, dtype=torch.long, device=tokens.device)
@@ -183,16 +184,20 @@ def decode_n_tokens(model: GEARForCausalImageLM, cache: GEARKVCache, tokens: tor
         feed.view(-1, batch_size)[:] = tokens[:, t - 1]  # same token for the cond and uncond rows
         logits = decode_one_token(model, feed[:rows], cache)
         tokens[:, t] = pick(guide_logits(logits, batch_size, pick.settings.guidance_scale))
+        if callback is not None:
+            callback(t)
 
 
-def _sample_with_cache(model, condition, tokens, pick) -> None:
+def _sample_with_cache(model, condition, tokens, pick, callback) -> None:
     cache = model.allocate_kv_cache(condition.shape[0])
     logits = prefill(model, condition, cache)
     tokens[:, 0] = pick(guide_logits(logits, tokens.shape[0], pick.settings.guidance_scale))
-    decode_n_tokens(model, cache, tokens, 1, pick)
+    if callback is not None:
+        callback(0)
+    decode_n_tokens(model, cache, tokens, 1, pick, callback)
 
 
-def _sample_without_cache(model, condition, tokens, pick) -> None:
+def _sample_without_cache(model, condition, tokens, pick, callback) -> None:
     """Reference loop: recompute the full prefix at every step (slow; for checks and benchmarks)."""
     batch_size = tokens.shape[0]
     for t in range(tokens.shape[1]):
@@ -200,6 +205,8 @@ def _sample_without_cache(model, condition, tokens, pick) -> None:
         prefix = tokens[:, :t].repeat(rows // batch_size, 1) if t > 0 else None
         logits = model(input_ids=prefix, class_labels=condition[:rows]).logits[:, -1]
         tokens[:, t] = pick(guide_logits(logits, batch_size, pick.settings.guidance_scale))
+        if callback is not None:
+            callback(t)
 
 
 @contextlib.contextmanager
@@ -225,6 +232,7 @@ def generate_image_tokens(
     generator: torch.Generator | list[torch.Generator] | None = None,
     preset: str | SamplingConfig | None = None,
     use_cache: bool = True,
+    callback: Callable[[int], None] | None = None,
 ) -> torch.LongTensor:
     """Sample image-token grids `(B, grid_size, grid_size)` for `class_labels` (B,).
 
@@ -235,7 +243,8 @@ def generate_image_tokens(
 
     `generator` is one `torch.Generator` shared by the batch, or a list of B generators (one per sample, so each
     sample is reproducible whatever the batch size), or None (global RNG). `use_cache=False` recomputes the whole
-    prefix every step (reference path, much slower). The model is put in eval mode for the call.
+    prefix every step (reference path, much slower). `callback(t)` is called after token t (raster index) of
+    every sample has been drawn, e.g. to drive a progress bar. The model is put in eval mode for the call.
     """
     config = model.config
     device = model.tok_embeddings.weight.device
@@ -272,7 +281,7 @@ def generate_image_tokens(
     tokens = torch.empty(batch_size, config.num_image_tokens, dtype=torch.long, device=device)
     pick = TokenPicker(settings, batch_size, config.vocab_size, device, generator)
     with torch.no_grad(), _eval_mode(model):
-        (_sample_with_cache if use_cache else _sample_without_cache)(model, condition, tokens, pick)
+        (_sample_with_cache if use_cache else _sample_without_cache)(model, condition, tokens, pick, callback)
 
     grid = tokens.view(batch_size, config.grid_size, config.grid_size)
     grid.sampling_config = settings

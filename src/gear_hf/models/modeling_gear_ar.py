@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from ..hub import GEARHubMixin
 from .configuration_gear_ar import GEARConfig
 
 
@@ -230,7 +231,7 @@ class GEARPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
 
 
-class GEARForCausalImageLM(GEARPreTrainedModel, GenerationMixin):
+class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
     """Class-conditional LlamaGen: `[class token] + image tokens` -> next image-token logits.
 
     `forward(input_ids, class_labels)` is the teacher-forced pass: with `input_ids` the first `L - 1` tokens of a

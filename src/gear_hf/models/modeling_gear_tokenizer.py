@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from ..hub import GEARHubMixin
 from .configuration_gear_tokenizer import GEARTokenizerConfig
 from .magvit2 import Magvit2Decoder, Magvit2Encoder
 from .quantizers import build_quantizer
@@ -108,7 +109,7 @@ class GEARTokenizerPreTrainedModel(PreTrainedModel):
                 init.normal_(weight, mean=0.0, std=1.0)
 
 
-class GEARTokenizerModel(GEARTokenizerPreTrainedModel):
+class GEARTokenizerModel(GEARHubMixin, GEARTokenizerPreTrainedModel):
     r"""A GEAR image tokenizer (VQ-16, LFQ-16 or IBQ-16, chosen by `config.quantizer`).
 
     Inputs are images in [-1, 1] (`uint8 / 127.5 - 1`) of shape `(B, config.num_channels, H, W)` with H and W

@@ -341,18 +341,12 @@ class GEARPipeline(DiffusionPipeline):
         # 2. Prepare labels: each label repeated num_images_per_prompt times, adjacent.
         labels = torch.tensor(class_ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_prompt)
 
-        # 3. Sample the token grids; one transformer forward = one decoded token, which drives the progress bar.
+        # 3. Sample the token grids, with a progress bar over the decoded raster positions.
         num_tokens = self.transformer.config.num_image_tokens
         with self.progress_bar(total=num_tokens) as progress_bar:
-
-            def count_step(*_):  # a forward hook must return None (a value would replace the model output)
-                progress_bar.update()
-
-            hook = self.transformer.register_forward_hook(count_step)
-            try:
-                tokens = self.transformer.generate_images(labels, preset=settings, generator=generator)
-            finally:
-                hook.remove()
+            tokens = self.transformer.generate_images(
+                labels, preset=settings, generator=generator, callback=lambda _: progress_bar.update()
+            )
         settings = getattr(tokens, "sampling_config", settings)
 
         # 4. Decode the tokens to pixels (skipped for output_type="latent").
