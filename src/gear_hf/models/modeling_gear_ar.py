@@ -287,13 +287,16 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
             dtype=dtype or self.tok_embeddings.weight.dtype, device=self.tok_embeddings.weight.device,
         )
 
-    def check_class_labels(self, class_labels: torch.Tensor, *, allow_null: bool = True) -> None:
-        """Raise ValueError unless every label is in [0, num_classes) or the embeddable null class."""
+    def check_class_labels(self, class_labels: torch.Tensor, *, allow_null: bool = True,
+                           check_values: bool = True) -> None:
+        """Raise ValueError unless every label is in [0, num_classes) or the embeddable null class.
+
+        The value check reads the labels back to the host; `check_values=False` checks only dtype and shape."""
         c = self.config
         if class_labels.dim() != 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be a 1-D integer tensor (B,), got {class_labels.dtype} "
                              f"{tuple(class_labels.shape)}.")
-        if class_labels.numel() == 0:
+        if class_labels.numel() == 0 or not check_values:
             return
         upper = c.num_classes + int(allow_null and c.has_null_class)  # exclusive
         low, high = int(class_labels.min()), int(class_labels.max())
@@ -363,7 +366,9 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         # 1. Embed [class token] + image tokens, then token dropout over the whole sequence.
         pieces = []
         if class_labels is not None:
-            self.check_class_labels(class_labels)
+            # Values are checked outside training only: a per-step host sync would stall the training loop
+            # (the trainer checks the dataset's label range against num_classes once, at set-up).
+            self.check_class_labels(class_labels, check_values=not self.training)
             pieces.append(self.cls_embedding(class_labels))
         if input_ids is not None or input_probs is not None:
             pieces.append(self.embed_image_tokens(input_ids, input_probs))
