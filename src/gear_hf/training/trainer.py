@@ -26,6 +26,7 @@ global / (processes × gradient_accumulation_steps), which must divide exactly. 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -79,8 +80,9 @@ def _constant_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -
 
 def _adamw(params, lr: float, cfg: TrainingConfig) -> torch.optim.AdamW:
     o = cfg.optim
+    # foreach: one multi-tensor kernel per step (torch only picks it by default for CUDA tensors).
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=tuple(o.betas),
-                             weight_decay=o.weight_decay, eps=o.eps)
+                             weight_decay=o.weight_decay, eps=o.eps, foreach=True)
 
 
 def _load_safetensors_into(module: nn.Module, path: Path, what: str) -> None:
@@ -112,6 +114,51 @@ class _ARWithProjector(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.ar(*args, **kwargs)
+
+
+def _unset_hf_deepspeed_config() -> None:
+    """Accelerate registers the selected DeepSpeed config with transformers (a global weakref). Under ZeRO-3 that
+    makes `from_pretrained` build models inside `deepspeed.zero.Init` (partitioned while loading) and switches other
+    transformers code paths; the trainer instead builds whole models on every rank (the EMAs start as exact copies)
+    and `deepspeed.initialize` partitions them."""
+    try:
+        from transformers.integrations import unset_hf_deepspeed_config
+    except ImportError:
+        return
+    unset_hf_deepspeed_config()
+
+
+def _register_zero3_embedding_tables(root: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters only around that module's own forward and backward. GEAR reads
+    embedding tables outside the `nn.Embedding`'s forward (the AR's soft read-out `π @ tok_embeddings.weight`, the
+    VQ/IBQ codebook distances in the quantizer), so every `nn.Embedding` weight becomes an external parameter of
+    the engine's root module: gathered while the root runs, forward and backward. (Not of the direct parent: the
+    quantizer returns a dataclass, whose tensors ZeRO-3 cannot see, so its pre-backward hook would never re-gather
+    the codebook; the roots return `ModelOutput`s, which ZeRO-3 handles.)"""
+    import deepspeed
+
+    for module in root.modules():
+        if isinstance(module, nn.Embedding):
+            deepspeed.zero.register_external_parameter(root, module.weight)
+
+
+class _EngineEMA:
+    """DeepSpeed: the EMA of one engine's bare module (`source`). `update()` reads the full live parameters (ZeRO-3:
+    gathered on every rank for the update, re-partitioned after) of `source`, whatever module the step passes (the
+    AR engine's module is `_ARWithProjector`, the EMA tracks the bare AR). Everything else (`model`, `state_dict`,
+    `load_state_dict`, `to`, ...) is the wrapped EMA's."""
+
+    def __init__(self, ema, source: nn.Module, full_parameters):
+        self.ema, self.source, self._full_parameters = ema, source, full_parameters
+
+    def update(self, model: nn.Module | None = None) -> None:
+        with self._full_parameters(self.source):
+            self.ema.update(self.source)
+
+    def __getattr__(self, name):
+        if name == "ema":  # not set yet (copy / unpickling)
+            raise AttributeError(name)
+        return getattr(self.ema, name)
 
 
 class _StopRequest:
@@ -214,11 +261,12 @@ class GEARTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         extra = {}
         self.extra_accelerators: dict[str, Any] = {}
+        self.zero_stage = 0  # DeepSpeed ZeRO stage (0: DDP / single process)
         if use_deepspeed:
             extra["deepspeed_plugins"] = self._deepspeed_plugins(world)
         else:
             extra["mixed_precision"] = cfg.train.mixed_precision
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=no_cuda and not use_deepspeed,  # without it, torchrun on a CPU box gives N independent runs
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
             log_with=log_with,
@@ -228,6 +276,9 @@ class GEARTrainer:
             kwargs_handlers=handlers,
             **extra,
         )
+        if use_deepspeed:
+            _unset_hf_deepspeed_config()
+        return accelerator
 
     # ---- DeepSpeed: one engine (and one accelerator) per trainable module
     def _deepspeed_modules(self) -> list[str]:
@@ -257,12 +308,9 @@ class GEARTrainer:
         if not path.is_file():
             raise TrainingSetupError(f"train.deepspeed_config: {path} not found.")
         base = json.loads(path.read_text())
-        if int(base.get("zero_optimization", {}).get("stage", 0)) >= 3:
-            raise TrainingSetupError(
-                "DeepSpeed ZeRO-3 is not supported by the GEAR trainer yet: the soft branch (π @ AR embedding table "
-                "through the frozen AR), the EMAs and the exports read full weights, which ZeRO-3 partitions. "
-                "Use ZeRO-1/2 (configs/accelerate/deepspeed_zero2.json) or DDP."
-            )
+        # ZeRO-3 partitions the parameters: the trainer gathers them where it reads full weights (EMA updates,
+        # exports) and registers the embedding tables that GEAR reads outside their own forward (`_prepare_deepspeed`).
+        self.zero_stage = int(base.get("zero_optimization", {}).get("stage", 0))
         per_device = cfg.train.train_batch_size // max(1, world)
         plugins = {}
         for name in self._deepspeed_modules():
@@ -275,7 +323,9 @@ class GEARTrainer:
             })
             ds.pop("bf16", None)
             ds.pop("fp16", None)
-            plugins[name] = DeepSpeedPlugin(hf_ds_config=ds)
+            # zero3_init_flag=False: models are built (and loaded) whole on every rank, so the EMAs start as exact
+            # copies; `deepspeed.initialize` partitions them. (The default for a ZeRO-3 config would be True.)
+            plugins[name] = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         return plugins
 
     def _build_data(self):
@@ -467,7 +517,7 @@ class GEARTrainer:
             teacher = DINOv2Teacher(Dinov2Model(config).eval(), self.grid_size)
         else:
             try:
-                teacher = load_teacher(t.name, t.path, self.grid_size)
+                teacher = load_teacher(t.name, t.path, self.grid_size, t.layer)
             except OSError as error:
                 raise TrainingSetupError(
                     f"Cannot load the REPA teacher {t.name!r} from {t.path!r} (nothing is downloaded: give a local "
@@ -515,6 +565,7 @@ class GEARTrainer:
         if self.stage in (1, 2):
             self.ar_ema = self._ema_cls(self.ar, decay, include_buffers=False)
 
+        self._ar_engine = None  # DeepSpeed: the engine of `_ARWithProjector`
         if self.cfg.train.deepspeed_config is not None:
             self._prepare_deepspeed()
         else:
@@ -552,7 +603,11 @@ class GEARTrainer:
             return ModuleUpdate(accs[name], model, opt, sched, max_norm) if opt is not None else None
 
         self.modules = GEARModules(
-            tokenizer=self.tokenizer, ar=self.ar, projector=self.projector, teacher=self.teacher,
+            # DeepSpeed: the hard branch runs through the AR engine's forward (DeepSpeed's per-step backward
+            # bookkeeping hangs on it); `unwrap` of it gives `_ARWithProjector`, whose forward is the AR's (soft branch;
+            # under ZeRO-3 its hooks gather the partitioned AR parameters).
+            tokenizer=self.tokenizer, ar=self.ar if self._ar_engine is None else self._ar_engine,
+            projector=self.projector, teacher=self.teacher,
             tokenizer_loss=self.tokenizer_loss, discriminator=self.discriminator,
             tokenizer_update=upd("tokenizer", self.tokenizer, self.opt_tok, self.sched_tok),
             ar_update=upd("ar", self.ar, self.opt_ar, self.sched_ar),
@@ -567,7 +622,12 @@ class GEARTrainer:
         accelerator owns the tokenizer engine (stage 2: the AR) plus data, RNG and EMAs; one more `Accelerator()`
         per further engine). The AR and its projector form one engine (`_ARWithProjector`). Cross-engine graphs
         (soft branch through the frozen AR, GAN term through the frozen discriminator) are safe because the other
-        engine's parameters do not require grad while its module is used (`gear_step.frozen`)."""
+        engine's parameters do not require grad while its module is used (`gear_step.frozen`).
+
+        ZeRO-3 (parameters partitioned): the other engine's module is called directly (`unwrap(engine)`, i.e.
+        `engine.module`), whose ZeRO-3 hooks gather its parameters for the forward and again for the backward;
+        embedding tables read outside their own forward are registered with the engine's root module; the EMAs update
+        from gathered parameters (`_EngineEMA`) and `export` gathers the live weights."""
         from accelerate import Accelerator
 
         acc = self.accelerator
@@ -591,6 +651,8 @@ class GEARTrainer:
                 objs.append(self.dataloader)
             prepared = owner.prepare(*objs)
             engine = prepared[0]
+            if self.zero_stage >= 3:
+                _register_zero3_embedding_tables(engine.module)
             setattr(self, opt_attr, prepared[1])
             setattr(self, sched_attr, prepared[2])
             if i == 0:
@@ -600,6 +662,26 @@ class GEARTrainer:
                 self._ar_engine = engine
             else:
                 setattr(self, model_attr, engine)
+        _unset_hf_deepspeed_config()  # selecting a plugin registered it again (see `_build_accelerator`)
+        if self.tokenizer_ema is not None:
+            self.tokenizer_ema = _EngineEMA(self.tokenizer_ema, unwrap(self.tokenizer), self._full_parameters)
+        if self.ar_ema is not None:
+            self.ar_ema = _EngineEMA(self.ar_ema, unwrap(self.ar), self._full_parameters)
+
+    @contextlib.contextmanager
+    def _full_parameters(self, *modules: nn.Module | None):
+        """Context in which `modules` hold their full parameters on every rank: under ZeRO-3 they are gathered on
+        entry (a collective: every rank must enter) and re-partitioned on exit (read-only: changes are dropped).
+        A no-op otherwise."""
+        with contextlib.ExitStack() as stack:
+            if self.zero_stage >= 3:
+                import deepspeed
+
+                for module in modules:
+                    if module is not None:
+                        stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()),
+                                                                               modifier_rank=None))
+            yield
 
     # ---------------------------------------------------------------------------------------------- resume
     def _state(self) -> dict[str, Any]:
@@ -916,14 +998,23 @@ class GEARTrainer:
 
     # ---------------------------------------------------------------------------------------------- export
     def export(self) -> dict[str, str]:
-        """Write the from_pretrained directories (EMA weights) and the live weights for the next stage."""
-        from safetensors.torch import save_file
+        """Write the from_pretrained directories (EMA weights) and the live weights for the next stage.
 
+        Collective: under ZeRO-3 every rank gathers the live weights while the main process writes them."""
         acc = self.accelerator
         acc.wait_for_everyone()
         written: dict[str, str] = {}
-        if not acc.is_main_process:
-            return written
+        live = (None if self.stage == 2 else self.tokenizer, self.ar, self.projector, self.discriminator)
+        with self._full_parameters(*live):
+            if acc.is_main_process:
+                written = self._write_exports()
+        return written
+
+    def _write_exports(self) -> dict[str, str]:
+        from safetensors.torch import save_file
+
+        acc = self.accelerator
+        written: dict[str, str] = {}
         out, raw = self.output_dir, self.output_dir / "raw"
         raw.mkdir(parents=True, exist_ok=True)
         tokenizer_final = self.tokenizer_ema.model if self.tokenizer_ema is not None else unwrap(self.tokenizer)
