@@ -16,3 +16,12 @@ torch.backends.cudnn.allow_tf32 = False
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For files of tiny models: with few shared cores, intra-op threads only oversubscribe."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,6 +19,9 @@ from test_pipeline import NAMES, gens, tiny_ar, tiny_tokenizer
 
 REPO = "me/gear-tiny"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 
 class FakeHfApi:
     """Records create_repo / upload_folder calls and copies the uploaded folder (it is a temp dir)."""
@@ -41,15 +44,6 @@ class FakeHfApi:
     @property
     def card(self) -> str:
         return (self.uploads[-1].folder / "README.md").read_text(encoding="utf-8")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These models are tiny: with 2 shared cores, intra-op threads only oversubscribe (10x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,9 @@ NUM_CLASSES = 10
 IMAGE_SIZE = 16  # tokenizer downsamples by 4 -> 4x4 = 16 tokens per image
 NAMES = {i: f"class{i}, alias{i}" for i in range(NUM_CLASSES)}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 
 def tiny_tokenizer(codebook_size=CODEBOOK, image_size=IMAGE_SIZE, channel_multipliers=(1, 1, 2)):
     config = GEARTokenizerConfig(quantizer="vq", codebook_size=codebook_size, image_size=image_size, base_channels=32,
@@ -32,15 +35,6 @@ def tiny_ar(vocab_size=CODEBOOK, image_size=IMAGE_SIZE, downsample_factor=4, cla
     with torch.no_grad():  # the LM head starts at zero (uniform logits); make labels and samples matter
         model.output.weight.normal_(std=0.1)
     return model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # These models are tiny: with 2 shared cores, intra-op threads only oversubscribe (10x slower under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

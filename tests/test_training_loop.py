@@ -40,12 +40,7 @@ COMMON = [
 N = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 shared cores; threads only add contention
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(out: Path, *overrides: str, stage: int = 1) -> TrainingConfig:
