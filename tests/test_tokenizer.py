@@ -383,3 +383,20 @@ def test_convert_script_writes_loadable_directory(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), reference.state_dict().values()))
     with pytest.raises(SystemExit):
         script.main(["tokenizer", "--quantizer", "fsq", "--checkpoint", "x", "--output", "y"])
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_quantizer_runs_in_fp32_under_bf16_autocast(models, quantizer):
+    """Assignment logits and tokens are computed in fp32 even inside a bf16 autocast region."""
+    model = models[quantizer]
+    x = images()
+    reference = model.encode(x, return_assignment=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latent = model.quant_conv(model.encoder(x))
+        out = model.quantize(latent.float(), return_assignment=True)
+    assert out.assignment_logits.dtype == torch.float32
+    # Same latent in, same tokens out: the quantizer itself is not affected by autocast.
+    exact = model.quantize(latent.float(), return_assignment=True)
+    assert torch.equal(out.indices, exact.indices)
+    torch.testing.assert_close(out.assignment_logits, exact.assignment_logits, rtol=0, atol=0)
+    assert reference.assignment_logits.dtype == torch.float32

@@ -121,7 +121,10 @@ class Quantizer(nn.Module):
         """Quantize `z` (B, D, h, w); `return_assignment=True` also returns A as (B, h*w, K)."""
         batch, _, height, width = z.shape
         z_flat = z.permute(0, 2, 3, 1).contiguous().view(batch * height * width, self.embed_dim)
-        out = self._quantize(z_flat, need_logits=return_assignment or self.training)
+        # Distances/logits, argmax and losses in fp32 even under bf16 autocast: near-ties between codes must not
+        # be decided by bf16 rounding (the official trainer ran them in bf16, so its tokens differed by stage).
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self._quantize(z_flat.float(), need_logits=return_assignment or self.training)
         logits = out["logits"]
         result = QuantizerOutput(
             quantized=self._to_channels_first(out["quantized"].reshape(batch, height, width, self.embed_dim)),
