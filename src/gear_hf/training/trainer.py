@@ -1033,20 +1033,12 @@ class GEARTrainer:
             save_file({k: v.contiguous() for k, v in unwrap(self.projector).state_dict().items()},
                       str(raw / "projector.safetensors"))
         if self.ar_ema is not None and self.cfg.train.export_pipeline:
-            try:
-                from ..pipelines import GEARPipeline
-            except ImportError as error:
-                logger.warning("GEARPipeline not available (%s): exported tokenizer/ and ar/ only.", error)
-            else:
-                kwargs = {}
-                if self.class_names:
-                    kwargs["id2label"] = dict(enumerate(self.class_names))
-                try:
-                    pipe = GEARPipeline(vq_model=tokenizer_final, transformer=self.ar_ema.model, **kwargs)
-                except TypeError:
-                    pipe = GEARPipeline(vq_model=tokenizer_final, transformer=self.ar_ema.model)
-                pipe.save_pretrained(out / "pipeline")
-                written["pipeline"] = str(out / "pipeline")
+            from ..pipelines import GEARPipeline
+
+            id2label = dict(enumerate(self.class_names)) if self.class_names else None
+            pipe = GEARPipeline(vq_model=tokenizer_final, transformer=self.ar_ema.model, id2label=id2label)
+            pipe.save_pretrained(out / "pipeline")
+            written["pipeline"] = str(out / "pipeline")
         with open(out / "export.json", "w", encoding="utf-8") as f:
             json.dump({"global_step": self.global_step, "stage": self.stage, **written}, f, indent=2)
         acc.print(f"Exported {', '.join(written)} to {out}.")
