@@ -291,6 +291,7 @@ def test_presets_and_overrides(model):
     "kwargs, match",
     [
         ({"top_k": -1}, "top_k must be"),
+        ({"top_k": K + 1}, "exceeds the codebook size"),
         ({"top_p": 0.0}, "top_p must be"),
         ({"top_p": 1.5}, "top_p must be"),
         ({"temperature": 0.0}, "temperature must be > 0"),

@@ -33,8 +33,8 @@ class SamplingConfig:
             tokens `0 .. n + 1` (the first token plus `n + 1` decode steps), then uses the conditional logits only.
         do_sample: draw from the distribution; `False` takes the argmax (temperature/top-k/top-p then unused).
         temperature: divides the (guided) logits; must be > 0 when sampling.
-        top_k: keep the `top_k` largest logits (all ties with the k-th kept); 0 disables. Values above the
-            codebook size are clamped to it with a warning (the filter is then a no-op).
+        top_k: keep the `top_k` largest logits (all ties with the k-th kept); 0 disables. An explicit value above
+            the codebook size is an error; a preset's value (e.g. "demo"'s 2000) is clamped to it with a warning.
         top_p: nucleus filter in (0, 1]: keep the smallest prefix of the sorted distribution whose mass reaches
             `top_p`, including the first token that crosses it; 1 disables.
         preset: name of the preset the values started from, if any.
@@ -69,7 +69,8 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
 def resolve_sampling_config(preset: str | SamplingConfig | None = None, *, vocab_size: int | None = None,
                             **overrides) -> SamplingConfig:
     """Start from `preset` (a name in `SAMPLING_PRESETS`, a `SamplingConfig` or None = defaults), apply the
-    non-None `overrides`, validate, and clamp `top_k` to `vocab_size`."""
+    non-None `overrides` and validate. An explicit `top_k` above `vocab_size` is an error; a preset's `top_k` is
+    clamped to `vocab_size` (presets are written for K = 16384)."""
     if preset is None:
         settings = SamplingConfig()
     elif isinstance(preset, SamplingConfig):
@@ -99,6 +100,9 @@ def resolve_sampling_config(preset: str | SamplingConfig | None = None, *, vocab
         raise ValueError(f"temperature must be > 0 when sampling, got {s.temperature}; use do_sample=False for "
                          "greedy decoding.")
     if vocab_size is not None and s.top_k > vocab_size:
+        if overrides.get("top_k") is not None:
+            raise ValueError(f"top_k={s.top_k} exceeds the codebook size {vocab_size}; pass a top_k in "
+                             f"[1, {vocab_size}], or 0 for no top-k filtering.")
         warnings.warn(f"top_k={s.top_k} exceeds the codebook size {vocab_size}; clamped to {vocab_size} "
                       "(no top-k filtering).", stacklevel=4)  # -> caller of model.generate_images
         settings = dataclasses.replace(settings, top_k=vocab_size)
