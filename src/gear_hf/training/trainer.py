@@ -777,11 +777,9 @@ class GEARTrainer:
         self._log_sums: dict[str, torch.Tensor] = {}
         self._log_counts: dict[str, int] = {}
         self._zero_runs: dict[str, torch.Tensor] = {}
-        self._stats_usage = None
-        if self.stage in (0, 1) or self.stage == 2:
-            from .codebook_stats import CodebookUsage
+        from .codebook_stats import CodebookUsage
 
-            self._stats_usage = CodebookUsage(unwrap(self.tokenizer).config.codebook_size, device=acc.device)
+        self._stats_usage = CodebookUsage(unwrap(self.tokenizer).config.codebook_size, device=acc.device)
         self._window_start = time.perf_counter()
         self._window_images = 0
         self._data_wait = 0.0
@@ -805,7 +803,7 @@ class GEARTrainer:
                 with acc.accumulate(*self.trainable), acc.autocast():
                     logs = step_fn(self.modules, batch, cfg, step=self.global_step, extras=extras)
                 self._accumulate_logs(logs, batch)
-                if self._stats_usage is not None and "indices" in extras:
+                if "indices" in extras:
                     self._stats_usage.update(extras["indices"])
                 if not acc.sync_gradients:
                     continue
