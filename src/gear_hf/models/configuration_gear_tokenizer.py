@@ -167,14 +167,14 @@ class GEARTokenizerConfig(PreTrainedConfig):
         return 2 ** (len(self.channel_multipliers) - 1)
 
     @property
-    def latent_size(self) -> int:
+    def grid_size(self) -> int:
         """Side length of the token grid for an `image_size` input."""
         return self.image_size // self.downsample_factor
 
     @property
     def num_image_tokens(self) -> int:
-        """Tokens per `image_size` image (`latent_size ** 2`)."""
-        return self.latent_size**2
+        """Tokens per `image_size` image (`grid_size ** 2`)."""
+        return self.grid_size**2
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GEARTokenizerConfig:

@@ -63,11 +63,11 @@ def check_components_compatible(vq_model: Any, transformer: Any) -> None:
             f"{ar.vocab_size} token ids. Pair the generator with the tokenizer it was trained on (or build the AR "
             f"with GEARConfig(vocab_size={tok.codebook_size}, ...))."
         )
-    if tok.latent_size != ar.grid_size:
+    if tok.grid_size != ar.grid_size:
         raise ValueError(
             f"The AR generator samples a {ar.grid_size}x{ar.grid_size} token grid (image_size {ar.image_size} // "
-            f"downsample_factor {ar.downsample_factor}) but the tokenizer's grid is {tok.latent_size}x"
-            f"{tok.latent_size} (image_size {tok.image_size} // downsample_factor {tok.downsample_factor}). Use "
+            f"downsample_factor {ar.downsample_factor}) but the tokenizer's grid is {tok.grid_size}x"
+            f"{tok.grid_size} (image_size {tok.image_size} // downsample_factor {tok.downsample_factor}). Use "
             "matching image sizes, e.g. GEARConfig(image_size=..., downsample_factor=...) equal to the tokenizer's."
         )
     if tok.downsample_factor != ar.downsample_factor:
