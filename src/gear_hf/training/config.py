@@ -32,7 +32,7 @@ class ARSection:
 
 @dataclass
 class TeacherSection:
-    name: Literal["dinov2", "dinov3", "siglip2", "efficientnet-lite0"] = "dinov2"
+    name: Literal["dinov2", "dinov3", "siglip2", "vjepa2", "efficientnet-lite0"] = "dinov2"
     path: str | None = "facebook/dinov2-base"  # Hub id or local directory/file (efficientnet-lite0: None = bundled)
     layer: int | None = None  # intermediate tap (efficientnet-lite0: MBConv block index); None = final features
     spatial_norm: Literal["none", "demean", "zscore"] = "none"  # iREPA
