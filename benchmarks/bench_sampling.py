@@ -71,9 +71,9 @@ def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: b
               "rows_per_step": batch_size * (2 if guidance_scale > 1 else 1)}
     with torch.no_grad():  # warm-up: a prefill and a few cached steps
         warm = model.allocate_kv_cache(2 * batch_size)
-        model(class_labels=labels.repeat(2), past_key_values=warm)
+        model(class_labels=labels.repeat(2), cache=warm)
         for _ in range(4):
-            model(input_ids=torch.zeros(2 * batch_size, 1, dtype=torch.long), past_key_values=warm)
+            model(input_ids=torch.zeros(2 * batch_size, 1, dtype=torch.long), cache=warm)
 
     # 1. Cached sampling, end to end, with peak RSS.
     # The machine may be shared: take the best of a few runs when they are cheap.

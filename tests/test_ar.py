@@ -104,15 +104,29 @@ def test_kv_cache_matches_full_forward_at_every_position(model, batch):
     with torch.no_grad():
         full = model(tokens[:, :-1], labels).logits
         cache = model.allocate_kv_cache(3)
-        steps = [model(class_labels=labels, past_key_values=cache).logits]
-        steps += [model(tokens[:, t : t + 1], past_key_values=cache).logits for t in range(L - 1)]
+        steps = [model(class_labels=labels, cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(L - 1)]
         # A multi-token chunk appended to a filled cache (bottom-right causal mask).
         chunked = model.allocate_kv_cache(3)
-        first = model(tokens[:, :5], labels, past_key_values=chunked).logits
-        rest = model(tokens[:, 5:-1], past_key_values=chunked).logits
+        first = model(tokens[:, :5], labels, cache=chunked).logits
+        rest = model(tokens[:, 5:-1], cache=chunked).logits
     assert cache.seq_length == L
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
     assert (torch.cat([first, rest], dim=1) - full).abs().max() <= 1e-5
+
+
+def test_cache_naming_of_transformers_5_24(model, batch):
+    """The cache is `cache=` in and `.cache` out; the pre-5.24 `past_key_values=` keyword still works."""
+    tokens, labels = batch
+    with torch.no_grad():
+        cache = model.allocate_kv_cache(3)
+        out = model(class_labels=labels, cache=cache)
+        assert out.cache is cache and cache.seq_length == 1
+        legacy = model.allocate_kv_cache(3)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old = model(class_labels=labels, past_key_values=legacy)
+    assert old.cache is legacy and legacy.seq_length == 1
+    assert torch.equal(old.logits, out.logits)
 
 
 def test_soft_one_hot_equals_hard(model, batch):
@@ -220,9 +234,9 @@ def test_forward_errors(model, batch):
     with pytest.raises(ValueError, match="exceeds"):
         model(torch.cat([tokens, tokens[:, :1]], 1), labels)
     cache = model.allocate_kv_cache(3)
-    model(class_labels=labels, past_key_values=cache)
+    model(class_labels=labels, cache=cache)
     with pytest.raises(ValueError, match="already holds"):
-        model(tokens[:, :1], labels, past_key_values=cache)
+        model(tokens[:, :1], labels, cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -2,12 +2,16 @@
 
 __version__ = "0.1.0.dev0"
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from .compatibility import warn_if_unsupported
 
-from .models.configuration_gear_ar import GEARConfig
-from .models.configuration_gear_tokenizer import GEARTokenizerConfig
-from .models.modeling_gear_ar import GEARForCausalImageLM
-from .models.modeling_gear_tokenizer import GEARTokenizerModel
+warn_if_unsupported()  # before the imports below, which are the first to break on an unsupported version
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+
+from .models.configuration_gear_ar import GEARConfig  # noqa: E402
+from .models.configuration_gear_tokenizer import GEARTokenizerConfig  # noqa: E402
+from .models.modeling_gear_ar import GEARForCausalImageLM  # noqa: E402
+from .models.modeling_gear_tokenizer import GEARTokenizerModel  # noqa: E402
 
 AutoConfig.register("gear_tokenizer", GEARTokenizerConfig)
 AutoModel.register(GEARTokenizerConfig, GEARTokenizerModel)

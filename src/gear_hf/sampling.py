@@ -170,12 +170,12 @@ class TokenPicker:
 
 def prefill(model: GEARForCausalImageLM, condition: torch.Tensor, cache: GEARKVCache) -> torch.Tensor:
     """Run the class tokens of all rows into the empty cache; returns the logits of image token 0."""
-    return model(class_labels=condition, past_key_values=cache).logits[:, -1]
+    return model(class_labels=condition, cache=cache).logits[:, -1]
 
 
 def decode_one_token(model: GEARForCausalImageLM, token: torch.Tensor, cache: GEARKVCache) -> torch.Tensor:
     """Feed one token per row `(rows, 1)`; returns the logits of the next position."""
-    return model(input_ids=token, past_key_values=cache).logits[:, -1]
+    return model(input_ids=token, cache=cache).logits[:, -1]
 
 
 def decode_n_tokens(model: GEARForCausalImageLM, cache: GEARKVCache, tokens: torch.Tensor, start: int,

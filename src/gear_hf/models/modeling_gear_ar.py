@@ -17,6 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
 
 from ..hub import GEARHubMixin
 from .configuration_gear_ar import GEARConfig
@@ -135,7 +136,7 @@ class GEARAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor,
-                past_key_values: GEARKVCache | None = None) -> torch.Tensor:
+                cache: GEARKVCache | None = None) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         heads = (batch, length, self.num_heads, self.head_dim)
         query, key, value = self.wqkv(hidden_states).split(self.hidden_size, dim=-1)
@@ -144,9 +145,9 @@ class GEARAttention(nn.Module):
         value = value.view(heads).transpose(1, 2)
 
         past = 0
-        if past_key_values is not None:
-            past = past_key_values.seq_length
-            key, value = past_key_values.update(self.layer_idx, key, value)
+        if cache is not None:
+            past = cache.seq_length
+            key, value = cache.update(self.layer_idx, key, value)
         mask = None
         if past > 0 and length > 1:  # a chunk appended to a cache: causal mask aligned to the bottom right
             mask = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(diagonal=past)
@@ -169,9 +170,8 @@ class GEARDecoderLayer(GradientCheckpointingLayer):
         self.feed_forward = GEARSwiGLU(config)
 
     def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor,
-                past_key_values: GEARKVCache | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), rope_table,
-                                                       past_key_values=past_key_values)
+                cache: GEARKVCache | None = None) -> torch.Tensor:
+        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), rope_table, cache=cache)
         return hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
 
 
@@ -200,7 +200,8 @@ class GEARCausalImageLMOutput(ModelOutput):
         logits: `(B, S, vocab_size)` fp32 scores for every position fed in this call (class token first when
             `class_labels` were given): `logits[:, t]` is the distribution of image token `past + t`, where `past`
             is the number of positions already in the KV cache (0 without cache). `None` with `stop_at_layer`.
-        past_key_values: the [`GEARKVCache`] that was passed in, advanced past this call's positions.
+        cache: the [`GEARKVCache`] that was passed in, advanced past this call's positions (transformers >= 5.24
+            names the cache `cache`; `output.past_key_values` still reads it there, with a deprecation warning).
         hidden_states: with `output_hidden_states=True`, `(embeddings, after block 1, ..., after block n)`: entry 0
             is the input sequence of block 1, entry i the residual stream after block i, before the final norm
             (n = `stop_at_layer` or `num_hidden_layers`).
@@ -210,7 +211,7 @@ class GEARCausalImageLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: GEARKVCache | None = None
+    cache: GEARKVCache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     last_hidden_state: torch.FloatTensor | None = None
 
@@ -317,6 +318,7 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                              f"{tuple(input_probs.shape)}.")
         return input_probs @ self.tok_embeddings.weight
 
+    @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -324,7 +326,7 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         *,
         input_probs: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        past_key_values: GEARKVCache | None = None,
+        cache: GEARKVCache | None = None,
         output_hidden_states: bool | None = None,
         stop_at_layer: int | None = None,
         return_dict: bool | None = None,
@@ -341,7 +343,8 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                 embedded as `input_probs @ tok_embeddings.weight`). Give at most one of the two.
             labels: `(B, L)` target image tokens; `loss` is the mean cross-entropy of `logits[:, :L]` against them
                 (`-100` ignored). With `input_ids = labels[:, :-1]` this is the next-token loss.
-            past_key_values: a [`GEARKVCache`] from `allocate_kv_cache`; updated in place and advanced.
+            cache: a [`GEARKVCache`] from `allocate_kv_cache`; updated in place and advanced. (`past_key_values=`
+                is the pre-5.24 name, still accepted with a deprecation warning.)
             output_hidden_states: return the residual stream after every block that ran (see the output class).
             stop_at_layer: `n` in `[1, num_hidden_layers]`: run blocks `1..n` only and return their output in
                 `last_hidden_state` (no later block, no final norm, no head; `logits` is None).
@@ -352,9 +355,9 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         if stop_at_layer is not None and not 1 <= stop_at_layer <= c.num_hidden_layers:
             raise ValueError(f"stop_at_layer must be in [1, {c.num_hidden_layers}] (1-based block index), "
                              f"got {stop_at_layer}.")
-        past = past_key_values.seq_length if past_key_values is not None else 0
+        past = cache.seq_length if cache is not None else 0
         if class_labels is None and past == 0:
-            raise ValueError("class_labels are required unless past_key_values already holds the class token.")
+            raise ValueError("class_labels are required unless the cache already holds the class token.")
         if class_labels is not None and past > 0:
             raise ValueError(f"class_labels were given but the KV cache already holds {past} positions; pass only "
                              "the next image tokens.")
@@ -384,11 +387,11 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         # 3. Blocks (optionally truncated).
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers[: stop_at_layer or c.num_hidden_layers]:
-            hidden_states = layer(hidden_states, rope_table, past_key_values=past_key_values)
+            hidden_states = layer(hidden_states, rope_table, cache=cache)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-        if past_key_values is not None:
-            past_key_values.advance(length)
+        if cache is not None:
+            cache.advance(length)
 
         # 4. Head.
         logits = loss = None
@@ -400,7 +403,7 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                                      "were computed; pass input_ids = labels[:, :-1].")
                 loss = F.cross_entropy(logits[:, : labels.shape[1]].flatten(0, 1), labels.flatten())
 
-        output = GEARCausalImageLMOutput(loss=loss, logits=logits, past_key_values=past_key_values,
+        output = GEARCausalImageLMOutput(loss=loss, logits=logits, cache=cache,
                                          hidden_states=all_hidden_states, last_hidden_state=hidden_states)
         return output if return_dict else output.to_tuple()
 
