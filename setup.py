@@ -6,6 +6,7 @@ HERE = Path(__file__).parent
 # Version ranges live in one place, src/gear_hf/dependency_versions.py (import-free, so it can be exec'd here).
 _versions: dict = {}
 exec((HERE / "src" / "gear_hf" / "dependency_versions.py").read_text(encoding="utf-8"), _versions)
+exec((HERE / "src" / "gear_hf" / "version.py").read_text(encoding="utf-8"), _versions)
 
 
 def _requirements(table: dict[str, str]) -> list[str]:
@@ -18,7 +19,7 @@ extras["dev"] = sorted({req for name in ("test", "eval", "deepspeed", "demo") fo
 
 setup(
     name="gear_hf",
-    version="0.1.0.dev0",
+    version=_versions["__version__"],
     description="GEAR (Guided End-to-End AutoRegression) for image synthesis, built on the Hugging Face stack",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",

@@ -8,7 +8,7 @@
 See `gear_hf.training.trainer` for what is built, logged, checkpointed and exported.
 """
 
-from gear_hf.training.trainer import main
+from gear_hf.training.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main(stage=0))

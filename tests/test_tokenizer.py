@@ -14,7 +14,11 @@ import torch
 
 import gear_hf
 from gear_hf import GEARTokenizerConfig, GEARTokenizerModel
-from gear_hf.conversion import CheckpointMismatchError, select_tokenizer_state_dict
+from gear_hf.conversion import (
+    CheckpointMismatchError,
+    load_tokenizer_from_official_checkpoint,
+    select_tokenizer_state_dict,
+)
 from gear_hf.models.quantizers import (
     IndexBackpropQuantizer,
     LookupFreeQuantizer,
@@ -26,6 +30,10 @@ from gear_hf.models.quantizers import (
 
 QUANTIZERS = ["vq", "lfq", "ibq"]
 REPO = Path(__file__).resolve().parents[1]
+
+
+def from_official(path, config, **kwargs):
+    return load_tokenizer_from_official_checkpoint(path, config, **kwargs)[0]
 
 
 def tiny_config(quantizer: str, **overrides) -> GEARTokenizerConfig:
@@ -306,7 +314,7 @@ def save_bare(model, path, edit=None):
 def test_strict_loading_accepts_exact_and_ignores_codebook_used(models, tmp_path):
     model = models["vq"]
     path = save_bare(model, tmp_path / "ok.pt", lambda s: s.update({"quantize.codebook_used": torch.zeros(65536)}))
-    loaded = GEARTokenizerModel.from_official_checkpoint(path, model.config)
+    loaded = from_official(path, model.config)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
@@ -321,20 +329,20 @@ def test_strict_loading_accepts_exact_and_ignores_codebook_used(models, tmp_path
 def test_strict_loading_errors(models, tmp_path, edit, message):
     path = save_bare(models["ibq"], tmp_path / "bad.pt", edit)
     with pytest.raises(CheckpointMismatchError, match=re.escape(message)):
-        GEARTokenizerModel.from_official_checkpoint(path, models["ibq"].config)
+        from_official(path, models["ibq"].config)
 
 
 def test_codebook_size_and_quantizer_mismatch_errors(models, tmp_path):
     vq_path = save_bare(models["vq"], tmp_path / "vq.pt")
     with pytest.raises(CheckpointMismatchError, match="codebook of 64 codes, but config.codebook_size=128"):
-        GEARTokenizerModel.from_official_checkpoint(vq_path, tiny_config("vq", codebook_size=128))
+        from_official(vq_path, tiny_config("vq", codebook_size=128))
     with pytest.raises(CheckpointMismatchError, match="holds a VQ .* tokenizer, but config.quantizer='ibq'"):
-        GEARTokenizerModel.from_official_checkpoint(vq_path, tiny_config("ibq"))
+        from_official(vq_path, tiny_config("ibq"))
     lfq_path = save_bare(models["lfq"], tmp_path / "lfq.pt")
     with pytest.raises(CheckpointMismatchError, match="codebook of 64 codes, but config.codebook_size=256"):
-        GEARTokenizerModel.from_official_checkpoint(lfq_path, tiny_config("lfq", codebook_size=256))
+        from_official(lfq_path, tiny_config("lfq", codebook_size=256))
     with pytest.raises(CheckpointMismatchError, match="LFQ .* but config.quantizer='vq'"):
-        GEARTokenizerModel.from_official_checkpoint(lfq_path, tiny_config("vq"))
+        from_official(lfq_path, tiny_config("vq"))
 
 
 def test_select_tokenizer_state_dict_layouts():
@@ -377,7 +385,7 @@ def test_convert_script_writes_loadable_directory(tmp_path, capsys):
                  "--output", str(out_dir), "--ema", "--config", str(config_path)])
     assert "Weights used: GEAR training checkpoint: using 'vq_ema'" in capsys.readouterr().out
     converted = GEARTokenizerModel.from_pretrained(out_dir)
-    reference = GEARTokenizerModel.from_official_checkpoint(
+    reference = from_official(
         fixture / "checkpoint.pt", GEARTokenizerConfig(**json.loads(config_path.read_text())), use_ema=True
     )
     assert all(torch.equal(a, b) for a, b in zip(converted.state_dict().values(), reference.state_dict().values()))

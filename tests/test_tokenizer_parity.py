@@ -21,19 +21,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gear_hf import GEARTokenizerConfig, GEARTokenizerModel
-from gear_hf.conversion import load_checkpoint_file, select_tokenizer_state_dict
+from gear_hf import GEARTokenizerConfig
+from gear_hf.conversion import (
+    load_checkpoint_file,
+    load_tokenizer_from_official_checkpoint,
+    select_tokenizer_state_dict,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 ATOL = 1e-5
 QUANTIZERS = ["vq", "lfq", "ibq"]
 
 
+def from_official(path, config, **kwargs):
+    return load_tokenizer_from_official_checkpoint(path, config, **kwargs)[0]
+
+
 def load_case(quantizer):
     case_dir = FIXTURES / quantizer
     case = json.loads((case_dir / "case.json").read_text())
     config = GEARTokenizerConfig(**case["config"])
-    model = GEARTokenizerModel.from_official_checkpoint(case_dir / case["checkpoint"], config, use_ema=case["use_ema"])
+    model = from_official(case_dir / case["checkpoint"], config, use_ema=case["use_ema"])
     return case, model, load_file(case_dir / "expected.safetensors")
 
 
@@ -113,7 +121,7 @@ def test_live_vq_weights_give_other_reconstruction():
     case = json.loads((case_dir / "case.json").read_text())
     config = GEARTokenizerConfig(**case["config"])
     expected = load_file(case_dir / "expected.safetensors")
-    live = GEARTokenizerModel.from_official_checkpoint(case_dir / "checkpoint.pt", config, use_ema=False)
+    live = from_official(case_dir / "checkpoint.pt", config, use_ema=False)
     with torch.no_grad():
         recon = live(expected["pixel_values"]).reconstruction
     assert (recon - expected["reconstruction"]).abs().max() > 1e-3

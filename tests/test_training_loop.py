@@ -68,15 +68,15 @@ def snapshot(tr: GEARTrainer) -> dict:
 
     state = {}
     for name in ("tokenizer", "ar", "projector", "discriminator"):
-        module = getattr(tr, name)
+        module = getattr(tr.components, name)
         if module is not None:
             state[name] = {k: v.clone() for k, v in unwrap(module).state_dict().items()}
     for name in ("opt_tok", "opt_ar", "opt_disc", "sched_tok", "sched_ar", "sched_disc"):
-        obj = getattr(tr, name)
+        obj = getattr(tr.components, name)
         if obj is not None:
             state[name] = _named_tensors(obj.state_dict())
     for name in ("tokenizer_ema", "ar_ema"):
-        ema = getattr(tr, name)
+        ema = getattr(tr.components, name)
         if ema is not None:
             state[name] = _named_tensors(ema.state_dict())
     state["step"] = tr.global_step
@@ -287,14 +287,14 @@ _DDP_SCRIPT = textwrap.dedent(
     tr = GEARTrainer(cfg)
     result = tr.train()
     acc = tr.accelerator
-    live = {name: dict(unwrap(getattr(tr, name)).named_parameters())
+    live = {name: dict(unwrap(getattr(tr.components, name)).named_parameters())
             for name in ("tokenizer", "ar", "projector", "discriminator")}
     # ZeRO-3 leaves each rank its own shard (empty local tensors): live weights are checked through the exports.
     partitioned = sum(p.numel() == 0 for params in live.values() for p in params.values())
     state = {} if partitioned else {name: {k: v.detach().clone() for k, v in params.items()}
                                     for name, params in live.items()}
-    state["tokenizer_ema"] = {k: v.clone() for k, v in tr.tokenizer_ema.model.state_dict().items()}
-    state["ar_ema"] = {k: v.clone() for k, v in tr.ar_ema.model.state_dict().items()}
+    state["tokenizer_ema"] = {k: v.clone() for k, v in tr.components.tokenizer_ema.model.state_dict().items()}
+    state["ar_ema"] = {k: v.clone() for k, v in tr.components.ar_ema.model.state_dict().items()}
     state["meta"] = [acc.num_processes, str(acc.distributed_type), result["global_step"], tr.per_device_batch_size,
                      partitioned, sum(len(params) for params in live.values())]
     torch.save(state, f"{sys.argv[2]}/rank{acc.process_index}.pt")
@@ -423,7 +423,7 @@ def test_stage_chain_through_the_scripts(tmp_path, capsys):
 
     from gear_hf.models.modeling_gear_tokenizer import GEARTokenizerModel
     from gear_hf.training.gear_step import unwrap
-    from gear_hf.training.trainer import main
+    from gear_hf.training.cli import main
 
     common = ["--max-train-steps", "1", "--set", "data.max_samples=4", "--set", "train.report_to=none",
               "--set", "train.sample_every=1", "--set", "train.stats_every=1", "--set", "train.num_sample_images=2"]
@@ -437,10 +437,10 @@ def test_stage_chain_through_the_scripts(tmp_path, capsys):
     tr = GEARTrainer(cfg).build()
     live = GEARTokenizerModel.from_pretrained(s0 / "raw" / "tokenizer").state_dict()
     ema = GEARTokenizerModel.from_pretrained(s0 / "tokenizer").state_dict()
-    assert all(torch.equal(v, live[k]) for k, v in unwrap(tr.tokenizer).state_dict().items())
-    assert all(torch.equal(v, ema[k]) for k, v in tr.tokenizer_ema.model.state_dict().items())
+    assert all(torch.equal(v, live[k]) for k, v in unwrap(tr.components.tokenizer).state_dict().items())
+    assert all(torch.equal(v, ema[k]) for k, v in tr.components.tokenizer_ema.model.state_dict().items())
     disc = load_file(str(s0 / "raw" / "discriminator.safetensors"))
-    assert all(torch.equal(v, disc[k]) for k, v in unwrap(tr.discriminator).state_dict().items())
+    assert all(torch.equal(v, disc[k]) for k, v in unwrap(tr.components.discriminator).state_dict().items())
     tr.accelerator.end_training()
 
     assert main(1, ["--config", str(TINY[1]), "--output-dir", str(s1), "--init-from", str(s0), *common]) == 0

@@ -1,6 +1,6 @@
 """gear_hf: GEAR (Guided End-to-End AutoRegression) on the Hugging Face stack."""
 
-__version__ = "0.1.0.dev0"
+from .version import __version__
 
 from .compatibility import warn_if_unsupported
 

@@ -14,6 +14,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .models.configuration_gear_ar import LLAMAGEN_PRESETS, GEARConfig
+from .models.modeling_gear_ar import GEARForCausalImageLM
+from .models.modeling_gear_tokenizer import GEARTokenizerModel
+
 logger = logging.getLogger(__name__)
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
@@ -216,9 +220,7 @@ def load_tokenizer_from_official_checkpoint(
     `config`, or when any key is missing/unexpected (LlamaGen's `quantize.codebook_used` is ignored) or has
     another shape.
     """
-    if model_class is None:
-        from .models.modeling_gear_tokenizer import GEARTokenizerModel as model_class
-
+    model_class = model_class or GEARTokenizerModel
     raw = load_checkpoint_file(path, allow_pickle=allow_pickle)
     state, description = select_tokenizer_state_dict(raw, use_ema=use_ema)
     family, codebook_size = infer_tokenizer_family(state)
@@ -346,8 +348,6 @@ def ar_config_from_state_dict(
 
     Give `preset` (e.g. `"LlamaGen-B"`; its sizes must match the weights) or `num_attention_heads`.
     """
-    from .models.configuration_gear_ar import LLAMAGEN_PRESETS, GEARConfig
-
     sizes = infer_ar_config_kwargs(state_dict)
     if preset is not None:
         if preset not in LLAMAGEN_PRESETS:
@@ -391,8 +391,6 @@ def load_ar_from_official_checkpoint(
     the EMA weights. Loading is strict: any missing/unexpected key or shape mismatch raises
     `CheckpointMismatchError` listing them. Returns `(model, description)` with the model in eval mode.
     """
-    from .models.modeling_gear_ar import GEARForCausalImageLM
-
     if isinstance(path_or_checkpoint, Mapping):
         raw, where = path_or_checkpoint, "AR checkpoint"
     else:

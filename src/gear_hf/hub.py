@@ -210,7 +210,7 @@ def create_model_card(
         files: repository files to list in the card (filled in by `push_to_hub`).
         template_path: a custom Jinja template instead of the shipped one.
     """
-    from . import __version__
+    from .version import __version__
 
     kind = model_kind(obj)
     if interpolation not in ("bicubic", "bilinear"):

@@ -15,12 +15,8 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from .models.modeling_gear_ar import GEARForCausalImageLM, GEARKVCache
 
 
 @dataclass(frozen=True)
@@ -168,17 +164,17 @@ class TokenPicker:
         return (logits + gumbel).argmax(dim=-1)
 
 
-def prefill(model: GEARForCausalImageLM, condition: torch.Tensor, cache: GEARKVCache) -> torch.Tensor:
+def prefill(model, condition: torch.Tensor, cache) -> torch.Tensor:
     """Run the class tokens of all rows into the empty cache; returns the logits of image token 0."""
     return model(class_labels=condition, cache=cache).logits[:, -1]
 
 
-def decode_one_token(model: GEARForCausalImageLM, token: torch.Tensor, cache: GEARKVCache) -> torch.Tensor:
+def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
     """Feed one token per row `(rows, 1)`; returns the logits of the next position."""
     return model(input_ids=token, cache=cache).logits[:, -1]
 
 
-def decode_n_tokens(model: GEARForCausalImageLM, cache: GEARKVCache, tokens: torch.Tensor, start: int,
+def decode_n_tokens(model, cache, tokens: torch.Tensor, start: int,
                     pick: TokenPicker, callback: Callable[[int], None] | None = None) -> None:
     """Fill `tokens[:, start:]` in place; `tokens[:, start - 1]` must already hold a sampled token."""
     batch_size = tokens.shape[0]
@@ -224,7 +220,7 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def generate_image_tokens(
-    model: GEARForCausalImageLM,
+    model,
     class_labels: torch.Tensor | list[int],
     *,
     guidance_scale: float | None = None,

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 
 from ..hub import GEARHubMixin
+from ..sampling import generate_image_tokens
 from .configuration_gear_ar import GEARConfig
 
 
@@ -409,8 +410,6 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
 
     def generate_images(self, class_labels: torch.LongTensor, **sampling_kwargs) -> torch.LongTensor:
         """Sample `(B, grid_size, grid_size)` image-token grids; see `gear_hf.sampling.generate_image_tokens`."""
-        from ..sampling import generate_image_tokens
-
         return generate_image_tokens(self, class_labels, **sampling_kwargs)
 
     def generate(self, *args, **kwargs):

@@ -7,7 +7,6 @@ decoder -> pixels. Submodule names follow the official checkpoints, so converted
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -250,27 +249,6 @@ class GEARTokenizerModel(GEARHubMixin, GEARTokenizerPreTrainedModel):
         )
 
     # ----------------------------------------------------------------------------------- official weights
-    @classmethod
-    def from_official_checkpoint(
-        cls,
-        path: str | os.PathLike,
-        config: GEARTokenizerConfig,
-        use_ema: bool = False,
-        allow_pickle: bool = False,
-    ) -> GEARTokenizerModel:
-        """Build the model from an official GEAR / LlamaGen / Open-MAGVIT2 / IBQ checkpoint file, strictly.
-
-        Any missing or unexpected key (other than LlamaGen's `quantize.codebook_used`), shape mismatch, or a
-        checkpoint of another quantizer family or codebook size raises `CheckpointMismatchError`. See
-        `gear_hf.conversion.select_tokenizer_state_dict` for the accepted layouts and `use_ema`. The model is
-        returned in eval mode.
-        """
-        from ..conversion import load_tokenizer_from_official_checkpoint
-
-        model, _ = load_tokenizer_from_official_checkpoint(
-            path, config, use_ema=use_ema, allow_pickle=allow_pickle, model_class=cls
-        )
-        return model
 
 
 __all__ = [

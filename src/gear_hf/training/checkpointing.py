@@ -1,4 +1,5 @@
-"""Atomic, resumable training checkpoints on top of `accelerator.save_state`.
+"""What a training run writes to disk: atomic, resumable checkpoints (on top of `accelerator.save_state`), the
+resume logic, and the final `from_pretrained` exports.
 
 Layout under `<output_dir>/checkpoints/`:
 
@@ -11,6 +12,15 @@ A checkpoint only counts when its directory name is `step_<8+ digits>` and it ho
 kill during a save can therefore never damage or replace the previous checkpoint. Old checkpoints are first
 renamed to `.trash-…` and only then deleted, so a kill during pruning never leaves a half-deleted checkpoint
 that looks complete.
+
+Exports (`export_models`, at the end of a run):
+
+    <output_dir>/tokenizer/   tokenizer EMA weights (stage 2: the frozen tokenizer it trained on)
+    <output_dir>/ar/          AR EMA weights (stages 1, 2)
+    <output_dir>/pipeline/    a ready `GEARPipeline` (stages 1, 2)
+    <output_dir>/raw/         live weights for the next stage: tokenizer/, ar/ (from_pretrained dirs),
+                              discriminator.safetensors, projector.safetensors
+    <output_dir>/export.json  what was written, at which step
 """
 
 from __future__ import annotations
@@ -22,6 +32,11 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from safetensors.torch import save_file
+
+from ..pipelines import GEARPipeline
+from .gear_step import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -213,3 +228,59 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str |
             + "\nResume with the configuration that wrote it, or start a new run (new train.output_dir, or "
             "train.init_from=<previous run> to reuse its weights only)."
         )
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+def resume_training(accelerator, spec: str | None, output_dir: str | os.PathLike, signature: dict[str, Any],
+                    extra_accelerators: dict[str, Any] | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """Load the checkpoint `spec` names (`latest` or a path) into `accelerator` (and the per-engine accelerators).
+
+    Returns `(path, state)`: the checkpoint used and its `training_state.json`, or `(None, {})` for a fresh start.
+    Raises `CheckpointCompatibilityError` when it was written by a structurally different run."""
+    path = resolve_resume_path(spec, output_dir)
+    if path is None:
+        if spec == "latest":
+            logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh.",
+                        Path(output_dir) / CHECKPOINT_DIR)
+        return None, {}
+    state = read_state(path)
+    check_compatible(state.get("signature", {}), signature, path)
+    if state.get("num_processes") != accelerator.num_processes:
+        logger.warning("Checkpoint %s was written by %s processes, resuming with %s: the data order and RNG "
+                       "streams will differ from an uninterrupted run.", path, state.get("num_processes"),
+                       accelerator.num_processes)
+    accelerator.load_state(str(path))
+    for name, extra in (extra_accelerators or {}).items():
+        extra.load_state(str(path / name))
+    return path, state
+
+
+# ------------------------------------------------------------------------------------------------------ exports
+def export_models(output_dir: str | os.PathLike, *, stage: int, global_step: int, tokenizer, tokenizer_ema, ar,
+                  ar_ema, projector, discriminator, class_names=None, export_pipeline: bool = True) -> dict[str, str]:
+    """Write the `from_pretrained` directories (EMA weights), the live weights for the next stage and
+    `export.json` (main process only; the caller gathers partitioned parameters first). Returns {name: path}."""
+    out = Path(output_dir)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    tokenizer_final = tokenizer_ema.model if tokenizer_ema is not None else unwrap(tokenizer)
+    tokenizer_final.save_pretrained(out / "tokenizer")
+    written["tokenizer"] = str(out / "tokenizer")
+    if stage in (0, 1):
+        unwrap(tokenizer).save_pretrained(raw / "tokenizer")
+    if ar_ema is not None:
+        ar_ema.model.save_pretrained(out / "ar")
+        unwrap(ar).save_pretrained(raw / "ar")
+        written["ar"] = str(out / "ar")
+    for name, module in (("discriminator", discriminator), ("projector", projector)):
+        if module is not None:
+            save_file({k: v.contiguous() for k, v in unwrap(module).state_dict().items()},
+                      str(raw / f"{name}.safetensors"))
+    if ar_ema is not None and export_pipeline:
+        id2label = dict(enumerate(class_names)) if class_names else None
+        GEARPipeline(vq_model=tokenizer_final, transformer=ar_ema.model, id2label=id2label).save_pretrained(
+            out / "pipeline")
+        written["pipeline"] = str(out / "pipeline")
+    _write_json(out / "export.json", {"global_step": global_step, "stage": stage, **written})
+    return written

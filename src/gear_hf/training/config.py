@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -157,6 +158,17 @@ class TrainingConfig:
         for item in overrides or []:
             apply_override(data, item)
         return cls.from_dict(data)
+
+
+def flat_config(cfg: TrainingConfig) -> dict[str, Any]:
+    """Flattened `section.key` → scalar config for trackers (TensorBoard hparams need scalars)."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if value is None or isinstance(value, (list, tuple, dict)):
+                value = json.dumps(value, default=str)
+            flat[f"{section}.{key}"] = value
+    return flat
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
