@@ -196,6 +196,7 @@ def structural_signature(cfg, tokenizer_config=None, ar_config=None, extra: dict
     signature: dict[str, Any] = {
         "train.stage": cfg.train.stage,
         "train.deepspeed": cfg.train.deepspeed_config is not None,
+        **({"train.fsdp": True} if cfg.train.fsdp else {}),  # sharded checkpoints (absent: older runs)
         "data.image_size": cfg.data.image_size,
         "gear.projector_dim": cfg.gear.projector_dim,
         "teacher.name": cfg.teacher.name,

@@ -106,7 +106,9 @@ class TrainSection:
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint directory
     init_from: str | None = None  # stage 1/2: previous stage's output dir (weights only)
     init_ar_from_previous: bool = True  # stage 2: AR (EMA) + projector from init_from (official "ar-init")
-    deepspeed_config: str | None = None  # DeepSpeed json: one engine per trainable module (experimental)
+    deepspeed_config: str | None = None  # DeepSpeed json: one engine per trainable module
+    fsdp: bool = False  # FSDP2: one sharded root per trainable module (set by configs/accelerate/fsdp.yaml too)
+    compile: bool = False  # torch.compile (inductor) of tokenizer, AR and discriminator, as the official recipe
     zero_grad_alarm_steps: int = 100  # warn when a module's grad norm is exactly 0 for this many steps
     abort_on_nonfinite: bool = False  # raise (after saving nothing) when a logged loss/grad norm is NaN/Inf
     num_sample_images: int = 8  # images in the sample / reconstruction grids

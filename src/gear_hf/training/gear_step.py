@@ -39,11 +39,16 @@ class ModuleUpdate:
     max_grad_norm: float
 
     def __call__(self, loss: torch.Tensor, parameters=None) -> torch.Tensor | None:
+        """`parameters` to clip: an iterable or a function returning one (read after the backward: FSDP2 swaps a
+        root's unsharded parameters for its shards there); default: the model's."""
         self.accelerator.backward(loss)
         grad_norm = None
         if self.accelerator.sync_gradients and self.max_grad_norm > 0:
-            params = parameters if parameters is not None else self.model.parameters()
+            params = parameters() if callable(parameters) else parameters
+            params = params if params is not None else self.model.parameters()
             grad_norm = self.accelerator.clip_grad_norm_(params, self.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -136,7 +141,9 @@ def ar_updates(m, tokens, labels, target, align_layer, align_weight, logs):
         align_hard = align_loss(out.hidden_states[align_layer], target, m.projector)
         loss = loss + align_weight * align_hard
         logs["ar/align_loss"] = align_hard.detach()
-    params = list(m.ar.parameters()) + (list(m.projector.parameters()) if use_repa else [])
+    def params():  # each parameter once (FSDP2 / DeepSpeed: `m.ar` is the AR engine's root, it holds the projector)
+        return list(dict.fromkeys([*m.ar.parameters(), *(m.projector.parameters() if use_repa else ())]))
+
     logs["grad_norm/ar"] = m.ar_update(loss, params)
 
 

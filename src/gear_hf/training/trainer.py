@@ -7,7 +7,8 @@
 
 `GEARTrainer(cfg).train()` builds everything from a `TrainingConfig` (see `configs/`), runs the loop and exports
 `from_pretrained` directories at the end (layout: `checkpointing.py`). The pieces live in one place each:
-`builders.py` (data, models, losses, optimizers), `engines.py` (accelerator, DDP / DeepSpeed preparation, EMAs),
+`builders.py` (data, models, losses, optimizers), `engines.py` (accelerator, DDP / DeepSpeed / FSDP2
+preparation, precision, compile, EMAs), `distributed.py` (engine choice and checks, engine specifics),
 `checkpointing.py` (checkpoints, resume, exports), `monitoring.py` (logs, alarms, previews).
 
 `train.init_from=<output_dir of the previous stage>` chains the stages like the official scripts: stage 1 takes
@@ -90,7 +91,7 @@ class GEARTrainer:
         if self._built:
             return self
         cfg = self.cfg
-        self.accelerator, zero_stage = build_accelerator(cfg, self.output_dir)
+        self.accelerator, engine, zero_stage = build_accelerator(cfg, self.output_dir)
         acc = self.accelerator
         n_proc, accum = acc.num_processes, cfg.train.gradient_accumulation_steps
         if cfg.train.train_batch_size % (n_proc * accum):
@@ -107,7 +108,7 @@ class GEARTrainer:
         set_seed(cfg.train.seed)
         self.data = build_data(cfg, self.per_device_batch_size, acc.process_index, n_proc)
         models = build_models(cfg, self.data.class_names, n_proc)
-        self.engines = TrainingEngines(cfg, acc, zero_stage)
+        self.engines = TrainingEngines(cfg, acc, engine, zero_stage)
         optim = build_optimization(cfg, models, self.engines.scheduler_steps_per_update)
         self.components = self.engines.prepare(self.data, models, optim)
         self.signature = models.signature
@@ -220,7 +221,8 @@ class GEARTrainer:
         acc.print(
             f"GEAR stage {self.stage}: global batch {cfg.train.train_batch_size} = per-device "
             f"{self.per_device_batch_size} × {acc.num_processes} processes × {cfg.train.gradient_accumulation_steps} "
-            f"accumulation; {max_steps} steps; {acc.distributed_type}, mixed precision {acc.mixed_precision}."
+            f"accumulation; {max_steps} steps; engine {self.engines.engine} ({acc.distributed_type}), precision "
+            f"{cfg.train.mixed_precision}{', compiled' if cfg.train.compile else ''}."
         )
         self.monitor = TrainingMonitor(cfg, acc, unwrap(c.tokenizer).config.codebook_size,
                                        self.per_device_batch_size)
@@ -239,7 +241,7 @@ class GEARTrainer:
                     batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
                 want_stats = self._is_due(cfg.train.stats_every, self.global_step + 1)
                 extras = {"with_assignment": want_stats and self.stage != 2}
-                with acc.accumulate(*c.trainable), acc.autocast():
+                with acc.accumulate(*c.trainable), self.engines.autocast():
                     logs = step_fn(c.step_modules, batch, cfg, step=self.global_step, extras=extras)
                 self.monitor.accumulate(logs, batch)
                 if "indices" in extras:
