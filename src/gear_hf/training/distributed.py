@@ -232,6 +232,25 @@ def fsdp_units_of(accelerator, name: str, module: nn.Module):
             del module.get_input_embeddings
 
 
+def broadcast_buffers_like_ddp(root: nn.Module) -> None:
+    """FSDP2 shards parameters only; buffers (the discriminator's BatchNorm statistics) stay per rank, and a sharded
+    checkpoint stores one copy of them, from any rank. After every forward of `root` all ranks take rank 0's
+    buffers: rank 0's statistics evolve from its own batches exactly as under DDP (which broadcasts rank 0's
+    buffers before each forward), every rank holds them, and a resume is exact."""
+    import torch.distributed as dist
+
+    buffers = list(root.buffers())
+    if not buffers:
+        return
+
+    def hook(module, args, output):
+        with torch.no_grad():
+            for buffer in buffers:
+                dist.broadcast(buffer, src=0)
+
+    root.register_forward_hook(hook)
+
+
 @contextlib.contextmanager
 def gathered_dtensors(*modules: nn.Module | None):
     """FSDP2: inside the block, every sharded parameter (DTensor) of `modules` is replaced by a plain full copy
@@ -258,4 +277,4 @@ def gathered_dtensors(*modules: nn.Module | None):
 
 __all__ = ["ENGINES", "resolve_engine", "check_hardware_choices", "engine_modules", "deepspeed_plugins",
            "unset_hf_deepspeed_config", "register_zero3_embedding_tables", "FSDP_UNITS", "fsdp_plugin",
-           "enable_fsdp_without_gpu", "fsdp_units_of", "gathered_dtensors"]
+           "enable_fsdp_without_gpu", "fsdp_units_of", "broadcast_buffers_like_ddp", "gathered_dtensors"]

@@ -27,6 +27,7 @@ from torch import nn
 from .builders import TrainingData, TrainingModels, TrainingOptimization
 from .config import TrainingConfig
 from .distributed import (
+    broadcast_buffers_like_ddp,
     check_hardware_choices,
     deepspeed_plugins,
     enable_fsdp_without_gpu,
@@ -317,6 +318,8 @@ class TrainingEngines:
             root = prepared[0]
             if deepspeed and self.zero_stage >= 3:
                 register_zero3_embedding_tables(root.module)
+            if not deepspeed:
+                broadcast_buffers_like_ddp(root)
             objects[opt_key], objects[sched_key] = prepared[1], prepared[2]
             if i == 0 and not data.streaming:
                 loader = prepared[3]
