@@ -371,8 +371,10 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         pieces = []
         if class_labels is not None:
             # Values are checked outside training only: a per-step host sync would stall the training loop
-            # (the trainer checks the dataset's label range against num_classes once, at set-up).
-            self.check_class_labels(class_labels, check_values=not self.training)
+            # (the trainer checks the dataset's label range against num_classes once, at set-up). GEAR's soft
+            # pass (soft input, autograd on) runs in eval mode but is training too.
+            training = self.training or (input_probs is not None and torch.is_grad_enabled())
+            self.check_class_labels(class_labels, check_values=not training)
             pieces.append(self.cls_embedding(class_labels))
         if input_ids is not None or input_probs is not None:
             pieces.append(self.embed_image_tokens(input_ids, input_probs))

@@ -103,10 +103,6 @@ def deepspeed_plugins(cfg: TrainingConfig, world: int) -> tuple[dict[str, Any], 
     clipping and precision filled in from the training config; and the ZeRO stage."""
     from accelerate.utils import DeepSpeedPlugin
 
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as error:
-        raise TrainingSetupError("train.deepspeed_config needs `pip install deepspeed` (>= 0.19.8).") from error
     path = Path(cfg.train.deepspeed_config)
     if not path.is_file():
         raise TrainingSetupError(f"train.deepspeed_config: {path} not found.")
@@ -116,6 +112,10 @@ def deepspeed_plugins(cfg: TrainingConfig, world: int) -> tuple[dict[str, Any], 
             raise TrainingSetupError(
                 f"{path} enables DeepSpeed's {key} mode, which gives the modules {key} weights. Remove the \"{key}\" "
                 "block: precision comes from train.mixed_precision (bf16 = DeepSpeed torch_autocast, fp32 weights).")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as error:
+        raise TrainingSetupError("train.deepspeed_config needs `pip install deepspeed` (>= 0.19.8).") from error
     # ZeRO-3 partitions the parameters: the trainer gathers them where it reads full weights (EMA updates,
     # exports) and registers the embedding tables that GEAR reads outside their own forward.
     zero_stage = int(base.get("zero_optimization", {}).get("stage", 0))
