@@ -2,6 +2,7 @@
 real Qwen3 tokenizer, the null condition and caption dropout. Nothing downloads: every model comes from a tmp dir or
 an installed package."""
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -70,6 +71,19 @@ def tiny_qwen3_dir(tmp_path_factory):
     return str(path)
 
 
+@contextlib.contextmanager
+def _recorded_calls(module):
+    """The keyword names and the returned cache of every forward call of `module`."""
+    calls = []
+    hook = module.register_forward_hook(
+        lambda _, args, kwargs, out: calls.append({"kwargs": set(kwargs), "cache": getattr(out, "cache", None)}),
+        with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
 # ------------------------------------------------------------------------------------------------------- loading
 def test_load_tiny_qwen3_from_directory(tiny_qwen3_dir):
     tokenizer, encoder = load_text_encoder(tiny_qwen3_dir)
@@ -86,7 +100,10 @@ def test_encode_prompts_is_official_right_padded_batch(tiny_qwen3_dir):
     tokenizer, encoder = load_text_encoder(tiny_qwen3_dir)
     tokenizer.padding_side = "left"  # must be overridden: the AR expects text tokens first
     prompts = ["ab a c", "c b", ""]
-    embeds, mask = encode_prompts(tokenizer, encoder, prompts)
+    with _recorded_calls(encoder) as calls:
+        embeds, mask = encode_prompts(tokenizer, encoder, prompts)
+    assert len(calls) == 1  # one batched forward
+    assert calls[0]["kwargs"] == {"input_ids", "attention_mask", "use_cache"} and calls[0]["cache"] is None
     assert embeds.shape == (3, TEXT_MAX_LENGTH, 32) and mask.shape == (3, TEXT_MAX_LENGTH)
     assert mask.dtype == torch.int64 and embeds.dtype == torch.float32
     for row, prompt in enumerate(prompts):
@@ -206,7 +223,9 @@ def test_real_minilm_encoder(minilm_dir):
     assert text_hidden_size(encoder) == hidden
     assert "token_type_ids" in tokenizer(["a"])  # must not reach the encoder call
     prompts = ["a photo of a cat", "a picture of a kitten", "a red sports car", ""]
-    embeds, mask = encode_prompts(tokenizer, encoder, prompts)
+    with _recorded_calls(encoder) as calls:
+        embeds, mask = encode_prompts(tokenizer, encoder, prompts)
+    assert len(calls) == 1 and "token_type_ids" not in calls[0]["kwargs"]
     assert embeds.shape == (4, TEXT_MAX_LENGTH, hidden)
     null_length = len(tokenizer("")["input_ids"])  # [CLS] [SEP]: BERT's null prompt keeps valid positions
     assert null_length > 0 and mask[3].sum() == null_length

@@ -111,7 +111,9 @@ def encode_prompts(
 
     Official tokenization: right padding to exactly `max_length`, truncation; the mask is the tokenizer's
     attention mask (1 = text token, 0 = padding). Only `input_ids` and `attention_mask` reach the encoder (BERT
-    tokenizers also return `token_type_ids`). `device` defaults to the encoder's, `dtype` to its output dtype.
+    tokenizers also return `token_type_ids`), plus `use_cache=False` where its forward takes it: a decoder such as
+    Qwen3 would otherwise keep every layer's keys and values of the batch. `device` defaults to the encoder's,
+    `dtype` to its output dtype.
     Prompts longer than `max_length` tokens are truncated with one warning per call (`warn_truncated=False`
     silences it, e.g. in a training loop over long captions).
     """
