@@ -32,7 +32,8 @@ _ = Qwen3Model  # the first Qwen3 build in a process pays the lazy module import
 def _package_dir(package: str, sub: str, install: str) -> str:
     """Data directory of an installed package, located without importing it; skips when it is not installed."""
     spec = importlib.util.find_spec(package)
-    path = os.path.join(list(spec.submodule_search_locations)[0], sub) if spec and spec.submodule_search_locations else ""
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = os.path.join(locations[0], sub) if locations else ""
     if not os.path.isdir(path):
         pytest.skip(f"needs `pip install --no-deps {install}`")
     return path

@@ -257,9 +257,11 @@ def load_caption_shards(
 ) -> datasets.IterableDataset:
     """Stream captioned WebDataset shards (`source` ∈ {gpic, blip3o}) as rows {"__key__", "image", "caption"}.
 
-    Every shard is one `datasets` shard, so ranks and DataLoader workers split them as for `webdataset`. The order
-    is a function of (seed, epoch) (shard order and a `shuffle_buffer_size` buffer, reseeded by `set_epoch`);
-    a buffer ≤ 1 keeps the shard order. Raises ValueError when the first samples carry no caption.
+    Every shard is one `datasets` shard, so ranks and DataLoader workers split them as for `webdataset` (by shard
+    when the world size divides the shard count, else by example; workers beyond the shard count idle). For a given
+    world size and worker count the order is a function of (seed, epoch) only: shard order and a
+    `shuffle_buffer_size` buffer per worker, reseeded by `set_epoch` (≤ 1 keeps the shard order). Raises
+    ValueError when the first samples carry no caption.
     """
     if source not in _SHARD_LAYOUTS:
         raise ValueError(f"Unknown captioned shard layout {source!r}; use one of {sorted(_SHARD_LAYOUTS)}.")
