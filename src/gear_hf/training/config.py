@@ -82,13 +82,18 @@ class OptimSection:
 
 @dataclass
 class DataSection:
-    source: Literal["fashion-mnist", "imagefolder", "hub", "webdataset"] = "imagefolder"
-    path: str | None = None  # folder, Hub dataset id or shard glob
+    # Class-labelled: fashion-mnist | imagefolder | hub | webdataset. Captioned (text-to-image): gpic (shards of
+    # {key}.json "caption" + {key}.jpg|png), blip3o ({key}.txt + {key}.jpg|png), fashion-mnist-captions.
+    source: Literal[
+        "fashion-mnist", "imagefolder", "hub", "webdataset", "gpic", "blip3o", "fashion-mnist-captions"
+    ] = "imagefolder"
+    path: str | None = None  # folder, Hub dataset id or shard glob (gpic/blip3o: directory, glob or .tar list)
     split: str = "train"
     image_size: int = 256
     num_workers: int = 4
     random_flip: bool = True
     max_samples: int | None = None
+    shuffle_buffer_size: int = 1000  # gpic/blip3o: streaming shuffle buffer per DataLoader worker (≤ 1: shard order)
 
 
 @dataclass
