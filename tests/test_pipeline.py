@@ -216,7 +216,7 @@ def test_component_mismatch_errors(components):
         GEARPipeline(vq_model=transformer, transformer=vq_model)
     with pytest.raises(ValueError, match="outside"):
         GEARPipeline(vq_model=vq_model, transformer=transformer, id2label={10: "too far"})
-    with pytest.raises(NotImplementedError, match="text_encoder"):
+    with pytest.raises(ValueError, match="class-conditional: it takes no text_encoder"):
         GEARPipeline(vq_model=vq_model, transformer=transformer, text_encoder=torch.nn.Linear(1, 1))
     check_components_compatible(vq_model, transformer)
 
