@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import pre_tokenizers
-from transformers import AutoModelForCausalLM, Qwen2Tokenizer, Qwen3Config, Qwen3Model
+from text_fixtures import byte_level_tokenizer, tiny_text_encoder
+from transformers import AutoModelForCausalLM
 
 from gear_hf import GEARConfig, GEARForCausalImageLM, GEARPipeline, GEARTokenizerConfig, GEARTokenizerModel
 from gear_hf.conversion import CheckpointMismatchError, load_t2i_from_official_checkpoint
@@ -240,21 +240,6 @@ def test_t2i_settings_precedence_and_cli(model, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-def byte_level_tokenizer(model_max_length=64):
-    """A real Qwen2Tokenizer over the 256 byte symbols (no merges): any text, one token per byte, no BOS."""
-    vocab = {"<|endoftext|>": 0, **{ch: i + 1 for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
-    return Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<|endoftext|>", eos_token="<|endoftext|>",
-                          unk_token=None, model_max_length=model_max_length)
-
-
-def tiny_text_encoder(tokenizer, hidden_size=CAPTION_DIM):
-    torch.manual_seed(7)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-    return Qwen3Model(config).eval().requires_grad_(False)
-
-
 def tiny_tokenizer_model():
     torch.manual_seed(11)
     config = GEARTokenizerConfig(quantizer="vq", codebook_size=CODEBOOK, image_size=IMAGE_SIZE, base_channels=32,

@@ -16,6 +16,8 @@ import os
 
 import torch
 
+from .conditioning import GEARCondition
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_ENCODER = "Qwen/Qwen3-1.7B"
@@ -195,3 +197,44 @@ def drop_captions(
     embeds = torch.where(drop[:, None, None], null_embeds.to(embeds.dtype), embeds)
     mask = torch.where(drop[:, None], null_mask.to(mask.dtype), mask)
     return embeds, mask
+
+
+class TextConditioner:
+    """A frozen text encoder as the condition of a text-to-image AR in training: captions → `GEARCondition`, the
+    null condition (the encoding of `""`), and caption dropout. Never trained, never checkpointed."""
+
+    def __init__(self, tokenizer, text_encoder, *, max_length: int = TEXT_MAX_LENGTH, caption_dropout: float = 0.0):
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}.")
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder.requires_grad_(False).eval()
+        self.max_length, self.caption_dropout = max_length, caption_dropout
+        self._null: GEARCondition | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return text_hidden_size(self.text_encoder)
+
+    def to(self, device) -> TextConditioner:
+        self.text_encoder.to(device)
+        self._null = None
+        return self
+
+    def encode(self, captions: list[str]) -> GEARCondition:
+        """The captions' condition (no truncation warning: long training captions are expected)."""
+        embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, captions, max_length=self.max_length,
+                                      warn_truncated=False)
+        return GEARCondition(text_embeds=embeds, text_attention_mask=mask)
+
+    def null_condition(self) -> GEARCondition:
+        """One row: the encoding of `""` (computed once per device)."""
+        if self._null is None:
+            embeds, mask = encode_null_prompt(self.tokenizer, self.text_encoder, max_length=self.max_length)
+            self._null = GEARCondition(text_embeds=embeds, text_attention_mask=mask)
+        return self._null
+
+    def drop(self, condition: GEARCondition, generator: torch.Generator | None = None) -> GEARCondition:
+        """Caption dropout: each row becomes the null condition with probability `caption_dropout`."""
+        null = self.null_condition()
+        embeds, mask = drop_captions(condition.text_embeds, condition.text_attention_mask, null.text_embeds,
+                                     null.text_attention_mask, self.caption_dropout, generator)
+        return GEARCondition(text_embeds=embeds, text_attention_mask=mask)

@@ -43,6 +43,15 @@ class TeacherSection:
 
 
 @dataclass
+class TextEncoderSection:
+    """Text-to-image (data.source with captions): the frozen text encoder whose features condition the AR."""
+
+    name_or_path: str = "Qwen/Qwen3-1.7B"  # Hub id or local directory (AutoTokenizer + AutoModel)
+    caption_dropout: float = 0.1  # per sample, the caption becomes "" (CFG)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass
 class GEARSection:
     """Stage-1 knobs (paper §3.2). Defaults are the shipped `train_gear.sh` values."""
 
@@ -115,6 +124,7 @@ class TrainSection:
     zero_grad_alarm_steps: int = 100  # warn when a module's grad norm is exactly 0 for this many steps
     abort_on_nonfinite: bool = False  # raise (after saving nothing) when a logged loss/grad norm is NaN/Inf
     num_sample_images: int = 8  # images in the sample / reconstruction grids
+    sample_prompts: list[str] | None = None  # text-to-image previews; None: captions of the preview images
     sample_guidance_scale: float = 4.0  # official wandb samples: cfg 4.0, top-k 2000
     sample_top_k: int = 2000
     export_pipeline: bool = True  # stage 1/2: also write a GEARPipeline directory
@@ -131,6 +141,7 @@ class TrainingConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     ar: ARSection = field(default_factory=ARSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
     gear: GEARSection = field(default_factory=GEARSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -148,6 +159,8 @@ class TrainingConfig:
             raise ValueError("train.train_batch_size and train.gradient_accumulation_steps must be ≥ 1.")
         if self.train.max_train_steps < 1:
             raise ValueError(f"train.max_train_steps must be ≥ 1, got {self.train.max_train_steps}.")
+        if not 0.0 <= self.text_encoder.caption_dropout < 1.0:
+            raise ValueError(f"text_encoder.caption_dropout must be in [0, 1), got {self.text_encoder.caption_dropout}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
