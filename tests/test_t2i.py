@@ -314,3 +314,15 @@ def test_pipeline_input_errors(t2i_pipe, model, caplog):
                      text_encoder=tiny_text_encoder(tokenizer, hidden_size=16), tokenizer=tokenizer)
     with pytest.raises(ValueError, match="needs its text_encoder and tokenizer"):
         GEARPipeline(vq_model=tiny_tokenizer_model(), transformer=model)
+
+
+def test_text_to_image_model_cards(t2i_pipe, model):
+    from gear_hf.hub import create_model_card
+
+    card = create_model_card(t2i_pipe, repo_id="me/gear-t2i", license="apache-2.0")
+    text = str(card)
+    assert card.data.pipeline_tag == "text-to-image" and "text-to-image" in card.data.tags
+    assert "complete text-to-image GEAR generator" in text and "text_encoder" in text
+    assert 'pipe("a red sports car on a beach"' in text and "class_labels" not in text
+    generator_card = str(create_model_card(model, repo_id="me/gear-t2i-ar", license="apache-2.0"))
+    assert "text-conditional LlamaGen" in generator_card and "caption_dim 32" in generator_card

@@ -8,13 +8,11 @@ repo) with `vq_model/`, `transformer/` (and, text-to-image, `text_encoder/` + `t
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -26,6 +24,14 @@ from ..models.modeling_gear_ar import GEARForCausalImageLM
 from ..models.modeling_gear_tokenizer import GEARTokenizerModel
 from ..sampling import SamplingConfig, resolve_sampling_config
 from ..text_encoder import check_caption_dim, encode_prompts
+from .class_labels import (
+    imagenet_id2label,
+    is_placeholder_id2label,
+    label_ids,
+    name_table,
+    normalize_id2label,
+    resolve_class_labels,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -92,48 +98,6 @@ def check_components_compatible(vq_model: Any, transformer: Any, text_encoder: A
             f"would be {ar.grid_size * tok.downsample_factor} px. Set GEARConfig(downsample_factor="
             f"{tok.downsample_factor}, image_size={ar.grid_size * tok.downsample_factor})."
         )
-
-
-def imagenet_id2label() -> dict[int, str]:
-    """The 1000 ImageNet-1k class names in the standard index order (sorted WordNet ids, as ImageFolder and the
-    ADM reference batch use), e.g. 207 -> "golden retriever". Read offline from timm's bundled class info."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return {i: info.index_to_description(i) for i in range(info.num_classes())}
-
-
-NAMED_LABEL_SETS = {"imagenet-1k": imagenet_id2label}
-
-
-def _normalize_id2label(id2label: Mapping | None, num_classes: int, source: str) -> dict[int, str] | None:
-    if id2label is None:
-        return None
-    if isinstance(id2label, str):
-        if id2label not in NAMED_LABEL_SETS:
-            raise ValueError(f"Unknown label set {id2label!r}; pass a dict {{class_id: name}} or one of "
-                             f"{sorted(NAMED_LABEL_SETS)}.")
-        id2label = NAMED_LABEL_SETS[id2label]()
-    if not isinstance(id2label, Mapping):
-        raise TypeError(f"{source} must be a dict {{class_id: name}}, got {type(id2label).__name__}.")
-    normalized = {}
-    for key, name in id2label.items():
-        try:
-            class_id = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source} keys must be class ids (ints), got {key!r}.") from None
-        if not 0 <= class_id < num_classes:
-            raise ValueError(f"{source} has class id {class_id}, outside [0, {num_classes - 1}] for this "
-                             f"generator ({num_classes} classes).")
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{source}[{class_id}] must be a non-empty string, got {name!r}.")
-        normalized[class_id] = name
-    return dict(sorted(normalized.items()))
-
-
-def _is_placeholder_id2label(id2label: Mapping | None) -> bool:
-    """transformers configs default to {0: "LABEL_0", 1: "LABEL_1"}: not real class names."""
-    return not id2label or all(str(name) == f"LABEL_{int(key)}" for key, name in id2label.items())
 
 
 class GEARPipeline(DiffusionPipeline):
@@ -203,82 +167,23 @@ class GEARPipeline(DiffusionPipeline):
         if own:
             return {int(k): v for k, v in sorted(own.items(), key=lambda kv: int(kv[0]))}
         from_config = getattr(self.transformer.config, "id2label", None)
-        if _is_placeholder_id2label(from_config):
+        if is_placeholder_id2label(from_config):
             return {}
-        return _normalize_id2label(from_config, self.num_classes, "transformer.config.id2label") or {}
+        return normalize_id2label(from_config, self.num_classes, "transformer.config.id2label") or {}
 
     @id2label.setter
     def id2label(self, id2label: Mapping | str | None) -> None:
-        id2label = _normalize_id2label(id2label, self.num_classes, "id2label")
+        id2label = normalize_id2label(id2label, self.num_classes, "id2label")
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
-
-    def _name_table(self) -> dict[str, list[int]]:
-        """Lower-cased name (the full string and each comma-separated synonym) -> class ids carrying it."""
-        table: dict[str, list[int]] = {}
-        for class_id, name in self.id2label.items():
-            for synonym in dict.fromkeys(n.strip().lower() for n in [name, *name.split(",")]):
-                table.setdefault(synonym, []).append(class_id)
-        return table
 
     @property
     def label2id(self) -> dict[str, int]:
         """Lower-cased name (the full string and each comma-separated synonym) -> class id (the first if shared)."""
-        return {name: ids[0] for name, ids in self._name_table().items()}
+        return {name: ids[0] for name, ids in name_table(self.id2label).items()}
 
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """Map class names (case-insensitive, any comma-separated synonym) to class ids."""
-        labels = [label] if isinstance(label, str) else list(label)
-        id2label = self.id2label
-        if not id2label:
-            raise ValueError(
-                "This pipeline has no class names: pass integer class ids, or set names with "
-                "GEARPipeline(..., id2label={0: 'tench', ...} or 'imagenet-1k') / pipe.id2label = {...}."
-            )
-        table = self._name_table()
-        ids = []
-        for name in labels:
-            key = name.strip().lower()
-            if key not in table:
-                close = difflib.get_close_matches(key, list(table), n=3)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(f"Unknown class name {name!r}.{hint} See pipe.id2label for the {len(id2label)} "
-                                 f"names, or pass integer class ids in [0, {self.num_classes - 1}].")
-            if len(table[key]) > 1:
-                matches = table[key]
-                raise ValueError(f"Class name {name!r} is ambiguous: classes {matches} "
-                                 f"({', '.join(repr(id2label[i]) for i in matches)}). Pass the class id instead.")
-            ids.append(table[key][0])
-        return ids
-
-    def _resolve_class_labels(self, class_labels: Any) -> list[int]:
-        if isinstance(class_labels, torch.Tensor):
-            if class_labels.is_floating_point() or class_labels.is_complex():
-                raise ValueError(f"class_labels as a tensor must hold integer class ids, got {class_labels.dtype}.")
-            class_labels = class_labels.cpu().numpy()
-        if isinstance(class_labels, np.ndarray):
-            if class_labels.ndim > 1 or not np.issubdtype(class_labels.dtype, np.integer):
-                raise ValueError(f"class_labels as an array must be 0-D or 1-D integers, got {class_labels.dtype} "
-                                 f"of shape {tuple(class_labels.shape)}.")
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (str, numbers.Integral)):
-            class_labels = [class_labels]
-        elif not isinstance(class_labels, Sequence):
-            raise TypeError(f"class_labels must be an int, a class name, or a list of them; got "
-                            f"{type(class_labels).__name__}.")
-        if len(class_labels) == 0:
-            raise ValueError("class_labels is empty; pass at least one class id or name.")
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                ids.extend(self.get_label_ids(label))
-            elif isinstance(label, numbers.Integral) and not isinstance(label, (bool, np.bool_)):
-                if not 0 <= int(label) < self.num_classes:
-                    raise ValueError(f"Class id {int(label)} is out of range: this generator has "
-                                     f"{self.num_classes} classes, pass ids in [0, {self.num_classes - 1}].")
-                ids.append(int(label))
-            else:
-                raise TypeError(f"Each class label must be an int id or a class name (str), got {label!r}.")
-        return ids
+        return label_ids(label, self.id2label, self.num_classes)
 
     # ------------------------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[str], device: torch.device | None = None,
@@ -429,7 +334,7 @@ class GEARPipeline(DiffusionPipeline):
                                  "negative prompts apply to text-to-image pipelines only.")
             if prompt is not None and class_labels is not None:
                 raise ValueError("Pass the classes once: positionally or as class_labels=..., not both.")
-            class_ids = self._resolve_class_labels(class_labels if class_labels is not None else prompt)
+            class_ids = resolve_class_labels(class_labels if class_labels is not None else prompt, self.id2label, self.num_classes)
             settings = self.check_inputs(len(class_ids), n, generator, output_type, sampling)
             # 2. Prepare labels: each label repeated num_images_per_prompt times, adjacent.
             labels = torch.tensor(class_ids, dtype=torch.long, device=device).repeat_interleave(n)

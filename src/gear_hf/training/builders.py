@@ -138,6 +138,9 @@ def is_text_to_image(cfg: TrainingConfig) -> bool:
 
 def build_text_conditioner(cfg: TrainingConfig) -> TextConditioner:
     t = cfg.text_encoder
+    if not t.name_or_path:
+        raise TrainingSetupError("text_encoder.name_or_path is not set: give the text encoder's Hub id or local "
+                                 "directory (e.g. Qwen/Qwen3-1.7B).")
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
     try:
         tokenizer, encoder = load_text_encoder(t.name_or_path, dtype=dtype)
