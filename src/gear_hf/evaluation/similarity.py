@@ -34,7 +34,7 @@ def prepare_features(features: torch.Tensor, outlier_quantile: float = 0.95) -> 
         flat = x.abs().flatten(-2)
         index = int(outlier_quantile * flat.shape[-1])  # sorted(|x|)[index], as PRH
         threshold = flat.kthvalue(index + 1, dim=-1).values[..., None, None]
-        x = torch.minimum(torch.maximum(x, -threshold), threshold)
+        x = x.clamp(-threshold, threshold)
     return F.normalize(x, p=2, dim=-1)
 
 
@@ -157,15 +157,21 @@ def high_frequency_ratio(feature_map: torch.Tensor, cutoff: float = 0.25) -> tor
     """
     x = feature_map.double()
     h, w = x.shape[-3], x.shape[-2]
-    x = x - x.mean(dim=(-3, -2), keepdim=True)
-    power = torch.fft.fft2(x, dim=(-3, -2)).abs().square().sum(dim=-1)  # (..., h, w)
+    x = (x - x.mean(dim=(-3, -2), keepdim=True)).movedim(-1, -3).contiguous()  # (..., d, h, w): fast FFT layout
+    spectrum = torch.view_as_real(torch.fft.rfft2(x))  # (..., d, h, w//2 + 1, 2); real input: half the columns
+    # Σ_d over a flattened (d, h·(w//2+1)·2) view: reducing the strided d axis in place is ~25x slower on CPU.
+    power = spectrum.flatten(-3).square().sum(dim=-2).unflatten(-1, (h, -1, 2)).sum(dim=-1)  # (..., h, w//2 + 1)
     fu = torch.fft.fftfreq(h, dtype=torch.float64, device=x.device)
-    fv = torch.fft.fftfreq(w, dtype=torch.float64, device=x.device)
+    fv = torch.fft.rfftfreq(w, dtype=torch.float64, device=x.device)
+    # Each stored column v stands for v and −v, except v = 0 and (even w) the Nyquist column.
+    multiplicity = torch.full_like(fv, 2.0)
+    multiplicity[0] = 1.0
+    if w % 2 == 0:
+        multiplicity[-1] = 1.0
     radius_sq = fu[:, None] ** 2 + fv[None, :] ** 2
-    high = (power * (radius_sq > cutoff**2)).sum(dim=(-2, -1))
-    total = (power * (radius_sq > 0)).sum(dim=(-2, -1))
+    high = (power * (multiplicity * (radius_sq > cutoff**2))).sum(dim=(-2, -1))
+    total = (power * (multiplicity * (radius_sq > 0))).sum(dim=(-2, -1))
     return torch.where(total > 0, high / total.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(total))
-
 
 __all__ = [
     "AlignmentKernel",
