@@ -127,7 +127,9 @@ def load_analysed_model(name: str, path: str) -> AnalysedModel:
         for tokenizer_dir, ar_dir in (("vq_model", "transformer"), ("tokenizer", "ar")):
             if (root / tokenizer_dir).is_dir():
                 tokenizer = _load(GEARTokenizerModel, str(root / tokenizer_dir), f"{name!r} tokenizer")
-                ar = _load(GEARForCausalImageLM, str(root / ar_dir), f"{name!r} AR") if (root / ar_dir).is_dir() else None
+                ar = None
+                if (root / ar_dir).is_dir():
+                    ar = _load(GEARForCausalImageLM, str(root / ar_dir), f"{name!r} AR")
                 return AnalysedModel(name, path, tokenizer, ar)
         config = root / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
@@ -146,7 +148,8 @@ def load_analysed_model(name: str, path: str) -> AnalysedModel:
     if not _could_be_hub_id(path):
         raise FileNotFoundError(f"--model {name}={path}: no such directory (and not a Hub id of the form org/name).")
     tokenizer = _load(GEARTokenizerModel, path, f"{name!r} tokenizer", subfolder="vq_model")
-    return AnalysedModel(name, path, tokenizer, _load(GEARForCausalImageLM, path, f"{name!r} AR", subfolder="transformer"))
+    ar = _load(GEARForCausalImageLM, path, f"{name!r} AR", subfolder="transformer")
+    return AnalysedModel(name, path, tokenizer, ar)
 
 
 def token_grid(models: list[AnalysedModel], image_size: int) -> int:
@@ -292,7 +295,7 @@ def _check_labels(models: list[AnalysedModel], dataset: EvalImageDataset) -> Non
             f"The AR analysis of {[m.name for m in ars]} runs teacher-forced on the true class labels, but the images "
             "have none. Use an image folder with one sub-folder per class (or a dataset with a label column)."
         )
-    labels = torch.tensor(dataset.dataset["label"])
+    labels = torch.tensor(list(dataset.dataset["label"]), dtype=torch.int64)
     for model in ars:
         model.ar.check_class_labels(labels, allow_null=False)
 
@@ -364,15 +367,15 @@ def build_report(summary: dict, models: list[AnalysedModel], config: dict) -> di
               "teacher": summary["teacher"],
               "models": {}}
     for model in models:
-        tok = groups[f"{model.name}/tokenizer"]
+        tokenizer = groups[f"{model.name}/tokenizer"]
         entry = {"source": model.source, "tokenizer": {}}
         for f, feature in enumerate(TOKENIZER_FEATURES):
             entry["tokenizer"][feature] = {
-                m: (None if s is None else {"mean": s["mean"][f], "std": None if s["std"] is None else s["std"][f]})
-                for m, s in tok.items() if m != "labels"}
+                m: None if s is None else {"mean": s["mean"][f], "std": None if s["std"] is None else s["std"][f]}
+                for m, s in tokenizer.items()}
         if model.ar is not None:
-            ar = groups[f"{model.name}/ar"]
-            entry["ar"] = {"layers": ar["labels"], **{m: s for m, s in ar.items() if m != "labels"}}
+            entry["ar"] = {"layers": list(range(model.ar.config.num_hidden_layers + 1)),
+                           **groups[f"{model.name}/ar"]}
         report["models"][model.name] = entry
     return report
 
@@ -429,6 +432,8 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
     if args.num_images is not None and args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}.")
+    if not 0 < args.outlier_quantile <= 1:
+        raise ValueError(f"--outlier-quantile must be in (0, 1], got {args.outlier_quantile}.")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 features (spec §5.1)
     torch.backends.cudnn.allow_tf32 = False
     models = [load_analysed_model(name, path) for name, path in specs]

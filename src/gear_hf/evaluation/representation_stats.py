@@ -122,7 +122,7 @@ class RepresentationStats:
 
     def summary(self) -> dict:
         return {"teacher": {m: _summary(torch.cat(v)) for m, v in self.teacher_locality.items()},
-                "groups": {name: {"labels": g.labels, **g.summary()} for name, g in self.groups.items()}}
+                "groups": {name: g.summary() for name, g in self.groups.items()}}
 
     def state_dict(self) -> dict:
         return {"groups": {name: g.state_dict() for name, g in self.groups.items()},
