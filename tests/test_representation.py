@@ -33,6 +33,7 @@ from gear_hf.evaluation.similarity import (
     high_frequency_ratio,
     hsic_biased,
     hsic_unbiased,
+    kernel_cka,
     linear_cka,
     morans_i,
     prepare_features,
@@ -69,8 +70,10 @@ def test_cka_invariant_to_orthogonal_transforms_isotropic_scaling_and_translatio
     torch.testing.assert_close(linear_cka(3.7 * x @ qx, 0.2 * y @ qy), reference, rtol=1e-7, atol=0)
     torch.testing.assert_close(linear_cka(x + randn(1, 5, seed=6), y), reference, rtol=1e-10, atol=0)
     torch.testing.assert_close(linear_cka(x, x @ qx), linear_cka(x, x), rtol=1e-12, atol=0)
-    # The kernel form equals Kornblith's feature form.
+    # The kernel form equals Kornblith's feature form, and the cached-kernel path (Σ HKH ⊙ HLH) equals both.
     torch.testing.assert_close(reference, cka_with_eps(x, y), rtol=1e-10, atol=0)
+    cached = kernel_cka(AlignmentKernel.from_features(x, 10), AlignmentKernel.from_features(y, 10))
+    torch.testing.assert_close(cached, reference, rtol=1e-12, atol=0)
 
 
 def test_cka_of_independent_features_vanishes_on_large_n():

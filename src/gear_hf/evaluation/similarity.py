@@ -44,10 +44,14 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     return x @ x.mT
 
 
+def double_center(K: torch.Tensor) -> torch.Tensor:
+    """H K H with H = I − 11ᵀ/n."""
+    return K - K.mean(dim=-1, keepdim=True) - K.mean(dim=-2, keepdim=True) + K.mean(dim=(-2, -1), keepdim=True)
+
+
 def hsic_biased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """tr(K H L H) with H = I − 11ᵀ/n (PRH `hsic_biased`), written as Σ (HKH) ⊙ Lᵀ."""
-    centered = K - K.mean(dim=-1, keepdim=True) - K.mean(dim=-2, keepdim=True) + K.mean(dim=(-2, -1), keepdim=True)
-    return (centered * L.mT).sum(dim=(-2, -1))
+    return (double_center(K) * L.mT).sum(dim=(-2, -1))
 
 
 def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -68,6 +72,7 @@ def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 
 
 def check_topk(topk: int, n: int) -> None:
+    """CKNNA needs 2 <= topk <= n − 1 (every row has topk other rows)."""
     if topk < 2:
         raise ValueError(f"CKNNA needs topk >= 2 (PRH), got {topk}.")
     if topk > n - 1:
@@ -81,11 +86,13 @@ def check_topk(topk: int, n: int) -> None:
 class AlignmentKernel:
     """One feature set's side of CKA and CKNNA, computed once and compared with many others.
 
-    `gram` K (..., n, n); `neighbors` the 0/1 mask of each row's `topk` most similar other rows (self excluded:
-    PRH's unbiased mode); `hsic_self` = HSIC_b(K, K); `knn_self` = HSIC_u(M_K ⊙ K, M_K ⊙ K).
+    `gram` K = X Xᵀ (..., n, n); `centered` H K H; `neighbors` the 0/1 mask of each row's `topk` most similar
+    other rows (self excluded: PRH's unbiased mode); `hsic_self` = HSIC_b(K, K); `knn_self` =
+    HSIC_u(M_K ⊙ K, M_K ⊙ K).
     """
 
     gram: torch.Tensor
+    centered: torch.Tensor
     neighbors: torch.Tensor
     hsic_self: torch.Tensor
     knn_self: torch.Tensor
@@ -100,12 +107,16 @@ class AlignmentKernel:
         nearest = K.masked_fill(diagonal, float("-inf")).topk(topk, dim=-1).indices
         neighbors = torch.zeros_like(K).scatter_(-1, nearest, 1.0)
         masked = neighbors * K
-        return cls(gram=K, neighbors=neighbors, hsic_self=hsic_biased(K, K), knn_self=hsic_unbiased(masked, masked))
+        centered = double_center(K)
+        return cls(gram=K, centered=centered, neighbors=neighbors, hsic_self=centered.square().sum(dim=(-2, -1)),
+                   knn_self=hsic_unbiased(masked, masked))
 
 
 def kernel_cka(a: AlignmentKernel, b: AlignmentKernel) -> torch.Tensor:
-    """Biased linear CKA: HSIC_b(K, L) / (sqrt(HSIC_b(K, K) HSIC_b(L, L)) + 1e-6)."""
-    return hsic_biased(a.gram, b.gram) / (torch.sqrt(a.hsic_self * b.hsic_self) + CKA_EPS)
+    """Biased linear CKA: HSIC_b(K, L) / (sqrt(HSIC_b(K, K) HSIC_b(L, L)) + 1e-6), with
+    HSIC_b(K, L) = tr(KHLH) = Σ (HKH) ⊙ (HLH) for symmetric K, L (H is idempotent)."""
+    hsic = (a.centered * b.centered).sum(dim=(-2, -1))
+    return hsic / (torch.sqrt(a.hsic_self * b.hsic_self) + CKA_EPS)
 
 
 def kernel_cknna(a: AlignmentKernel, b: AlignmentKernel) -> torch.Tensor:
@@ -177,6 +188,7 @@ __all__ = [
     "AlignmentKernel",
     "check_topk",
     "cknna",
+    "double_center",
     "gram",
     "high_frequency_ratio",
     "hsic_biased",
