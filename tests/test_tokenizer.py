@@ -121,6 +121,22 @@ def test_shapes_hard_readout_and_index_code_round_trip(models, quantizer):
         assert torch.equal(model.quantize.codes_from_indices(out.indices), model.quantize.embedding.weight[out.indices])
 
 
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_encode_returns_the_pre_quantization_latent_on_request(models, quantizer):
+    model = models[quantizer]
+    with torch.no_grad():
+        plain = model.encode(images())
+        out = model.encode(images(), return_latent=True)
+        # The latent is the encoder (→ quant_conv) output, and the quantizer maps it to the same tokens and codes.
+        expected = model.quant_conv(model.encoder(images()))
+        requantized = model.quantize(out.latent)
+    assert plain.latent is None
+    assert out.latent.shape == out.quantized.shape
+    torch.testing.assert_close(out.latent, expected, rtol=0, atol=0)
+    assert torch.equal(requantized.indices, out.indices) and torch.equal(out.indices, plain.indices)
+    torch.testing.assert_close(requantized.quantized, out.quantized, rtol=0, atol=0)
+
+
 def test_vq_codes_are_l2_normalised(models):
     codes = models["vq"].quantize.codes_from_indices(torch.arange(64))
     torch.testing.assert_close(codes.norm(dim=-1), torch.ones(64))
