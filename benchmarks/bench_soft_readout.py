@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -161,9 +162,11 @@ def main() -> None:
 
     text = json.dumps(report, indent=2)
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
+    if args.output:  # atomically: a killed run leaves no truncated file
+        partial = f"{args.output}.partial"
+        with open(partial, "w") as f:
             f.write(text + "\n")
+        os.replace(partial, args.output)
 
 
 if __name__ == "__main__":

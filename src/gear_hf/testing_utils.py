@@ -1,8 +1,8 @@
-"""Exact memory accounting for tests and benchmarks (no CUDA needed).
+"""Exact CPU memory accounting for tests and benchmarks (no CUDA needed).
 
 `peak_allocated_bytes` replays the allocator events the PyTorch profiler records (every tensor allocation and free
-through the c10 allocator, CPU included, with its address and size), so its figure is deterministic, unlike RSS
-deltas. Memory that libraries allocate outside PyTorch's allocator (e.g. BLAS packing buffers) is not seen.
+through PyTorch's CPU allocator, with its address and size), so its figure is deterministic, unlike RSS deltas.
+Memory that libraries allocate outside PyTorch's allocator (e.g. BLAS packing buffers) is not seen.
 `saved_tensor_bytes` counts what autograd keeps between forward and backward.
 """
 
@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 def peak_allocated_bytes(
     fn: Callable[[], Any], ignore: Callable[[Any], Iterable[torch.Tensor]] = lambda result: ()
 ) -> tuple[int, Any]:
-    """`(peak, fn())`: the peak over time of the bytes allocated by `fn` and still live, on any device.
+    """`(peak, fn())`: the peak over time of the CPU tensor bytes allocated by `fn` and still live.
 
     Tensors that `ignore(result)` returns (e.g. the gradients fn computes) are left out of the count for as long
     as they live, so `peak` is the working memory fn needed beyond what it hands back.
@@ -35,7 +35,7 @@ def peak_allocated_bytes(
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     allocations = sorted((e["ts"], e["args"]["Ev Idx"], e["args"]["Addr"], e["args"]["Bytes"])
-                         for e in events if e.get("name") == "[memory]")
+                         for e in events if e.get("name") == "[memory]" and e["args"]["Device Type"] == 0)
     # An address can be reused: only the last allocation at an ignored address is the returned tensor.
     last_at = {addr: i for i, (_, _, addr, size) in enumerate(allocations) if size > 0 and addr in ignored}
     skip = set(last_at.values())

@@ -33,9 +33,9 @@ ENTROPY_EPS = 1e-5
 
 # From this many assignment logits (N * K) on, `soft_embed` and `entropy_loss` take the row-chunked path of
 # `chunked_softmax` (no (N, K) tensor kept for the backward, softmax recomputed there); below it the dense formulas.
-# 2^23 = two blocks of `chunked_softmax.BLOCK_ELEMENTS`: from there the chunked path was also the faster one on CPU,
-# below it the recomputation costs up to 1.7x (`benchmarks/bench_soft_readout.py`, sweep). `chunked=True / False`
-# overrides the choice per call.
+# 2^23 = two blocks of `chunked_softmax.BLOCK_ELEMENTS`; with a single block chunking only adds the recomputation
+# (up to 1.2x / 1.8x the CPU time of the dense soft read-out / entropy), from four blocks on it was also faster
+# (0.8x / 0.4x; `benchmarks/bench_soft_readout.py`, sweep). `chunked=True / False` overrides the choice per call.
 CHUNKED_MIN_ELEMENTS = 1 << 23
 
 
