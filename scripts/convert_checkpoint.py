@@ -2,6 +2,9 @@
 
     python scripts/convert_checkpoint.py tokenizer --quantizer vq --checkpoint gear-vq.pt --output gear-vq16 [--ema]
     python scripts/convert_checkpoint.py ar --checkpoint gear-ar.pt --output gear-ar-b --image-size 256 --ar-model LlamaGen-B
+    python scripts/convert_checkpoint.py t2i --checkpoint gear-t2i.pt --output gear-t2i-1b --image-size 256 --ar-model LlamaGen-1B
+    python scripts/convert_checkpoint.py t2i --checkpoint c2i_B_256.pt --output t2i-b-init --image-size 256 \
+        --ar-model LlamaGen-B --init-text-stream-from-class-conditional --caption-dim 2048
 
 Each subcommand is one `add_<name>_parser(subparsers)` function that registers its arguments and sets `func`.
 """
@@ -13,7 +16,12 @@ import json
 import sys
 
 from gear_hf import GEARTokenizerConfig
-from gear_hf.conversion import load_ar_from_official_checkpoint, load_tokenizer_from_official_checkpoint
+from gear_hf.conversion import (
+    CheckpointMismatchError,
+    load_ar_from_official_checkpoint,
+    load_t2i_from_official_checkpoint,
+    load_tokenizer_from_official_checkpoint,
+)
 
 
 def convert_tokenizer(args: argparse.Namespace) -> None:
@@ -104,17 +112,78 @@ def add_ar_parser(subparsers) -> None:
     parser.set_defaults(func=convert_ar)
 
 
+def convert_t2i(args: argparse.Namespace) -> None:
+    model, description = load_t2i_from_official_checkpoint(
+        args.checkpoint,
+        image_size=args.image_size,
+        downsample_factor=args.downsample,
+        preset=args.ar_model,
+        num_attention_heads=args.num_heads,
+        text_length=args.text_length,
+        text_attention=args.text_attn,
+        use_ema=args.ema,
+        allow_pickle=args.allow_pickle,
+        init_text_stream_from_class=args.init_text_stream_from_class_conditional,
+        caption_dim=args.caption_dim,
+    )
+    c = model.config
+    print(f"Weights used: {description}")
+    model.save_pretrained(args.output)
+    print(
+        f"Wrote text-to-image AR generator ({model.num_parameters() / 1e6:.2f} M parameters: {c.num_hidden_layers} "
+        f"layers ({c.num_double_stream_layers} dual-stream), hidden {c.hidden_size}, {c.num_attention_heads} heads, "
+        f"caption_dim {c.caption_dim}, {c.text_length} text positions ({c.text_attention} attention), "
+        f"{c.vocab_size} codes, {c.grid_size}x{c.grid_size} tokens) to {args.output}"
+    )
+
+
+def add_t2i_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "t2i",
+        help="text-to-image AR generator (GEAR t2i 'ar'/'ema' checkpoint), or a new one from a class-conditional AR",
+        description="Convert an official text-to-image AR checkpoint. Sizes (incl. caption_dim and the dual-stream "
+        "blocks) are read from the weights; text length and attention mode from the checkpoint's saved args, else "
+        "the flags, else the official 300 / causal; the head count from --ar-model / --num-heads (or the saved "
+        "args' ar_model).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="official .pt / .safetensors file")
+    parser.add_argument("--output", required=True, help="directory to write config.json + model.safetensors into")
+    parser.add_argument("--image-size", type=int, required=True, help="image size the AR was trained for (256)")
+    parser.add_argument("--downsample", type=int, default=16, help="tokenizer stride (16 for all released tokenizers)")
+    heads = parser.add_mutually_exclusive_group()
+    heads.add_argument("--ar-model", default=None, help="LlamaGen-B/L/XL/1B/... (checked against the weights)")
+    heads.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-preset sizes")
+    parser.add_argument("--text-length", type=int, default=None, help="text positions (official --text-max-len)")
+    parser.add_argument("--text-attn", choices=["causal", "prefix"], default=None, help="text attention mode")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights ('ema', default); --no-ema for the live 'ar' weights")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="unpickle arbitrary Python objects in the file (only for files you trust)")
+    parser.add_argument("--init-text-stream-from-class-conditional", action="store_true",
+                        help="start a NEW text model from a class-conditional checkpoint: image stream loaded, text "
+                        "stream copied from it (official init_text_stream_from_image), caption projection new")
+    parser.add_argument("--caption-dim", type=int, default=None,
+                        help="text-encoder hidden size, with --init-text-stream-from-class-conditional (Qwen3-1.7B: 2048)")
+    parser.set_defaults(func=convert_t2i)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_tokenizer_parser(subparsers)
     add_ar_parser(subparsers)
+    add_t2i_parser(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (CheckpointMismatchError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

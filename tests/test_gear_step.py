@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from text_fixtures import byte_level_tokenizer, tiny_text_encoder
+
 from gear_hf.models.configuration_gear_ar import GEARConfig
 from gear_hf.models.configuration_gear_tokenizer import GEARTokenizerConfig
 from gear_hf.models.modeling_gear_ar import GEARForCausalImageLM
@@ -33,8 +35,16 @@ from gear_hf.models.modeling_gear_tokenizer import GEARTokenizerModel
 from gear_hf.training.alignment import DINOv2Teacher, ProjectorBank
 from gear_hf.training.config import TrainingConfig
 from gear_hf.training.ema import EMA
-from gear_hf.training.gear_step import GEARModules, ModuleUpdate, ar_step, gear_step, tokenizer_step
+from gear_hf.training.gear_step import (
+    GEARModules,
+    ModuleUpdate,
+    ar_step,
+    batch_condition,
+    gear_step,
+    tokenizer_step,
+)
 from gear_hf.training.losses import PatchGANDiscriminator, TokenizerLoss
+from gear_hf.text_encoder import TextConditioner
 
 QUANTIZERS = ("vq", "lfq", "ibq")
 IMAGE_SIZE, K, NUM_CLASSES, BATCH = 16, 64, 10, 2
@@ -136,9 +146,11 @@ def make_tokenizer(quantizer: str) -> GEARTokenizerModel:
     return GEARTokenizerModel(config)
 
 
-def make_ar() -> GEARForCausalImageLM:
+def make_ar(condition: str = "class") -> GEARForCausalImageLM:
+    text = {"condition_type": "text", "caption_dim": 32, "text_length": 12} if condition == "text" else {}
     config = GEARConfig(vocab_size=K, num_classes=NUM_CLASSES, hidden_size=64, num_hidden_layers=NUM_LAYERS,
-                        num_attention_heads=4, intermediate_size=128, image_size=IMAGE_SIZE, downsample_factor=2)
+                        num_attention_heads=4, intermediate_size=128, image_size=IMAGE_SIZE, downsample_factor=2,
+                        **text)
     ar = GEARForCausalImageLM(config)
     with torch.no_grad():  # the LM head starts at zero; give NTP a gradient path into the blocks too
         ar.output.weight.normal_(0, 0.02)
@@ -177,9 +189,11 @@ class Setup:
 
 
 def build(accelerator, quantizer: str = "vq", *, stage: int = 1, lr: float = 1e-3, gan: bool = True,
-          vq_weights: bool = True, straight_through: bool = False, use_repa: bool = True) -> Setup:
+          vq_weights: bool = True, straight_through: bool = False, use_repa: bool = True,
+          condition: str = "class") -> Setup:
     """The modules of one stage on tiny models, every update a `Probe`. `vq_weights=False` zeroes the L_VQ
-    weights (L1, quantizer, GAN; LPIPS is always 0) so that the tokenizer update sees λ·L_align^s alone."""
+    weights (L1, quantizer, GAN; LPIPS is always 0) so that the tokenizer update sees λ·L_align^s alone.
+    `condition="text"`: a text-conditional AR, captions encoded by a tiny frozen text encoder."""
     torch.manual_seed(0)
     cfg = TrainingConfig()
     cfg.train.stage = stage
@@ -188,7 +202,7 @@ def build(accelerator, quantizer: str = "vq", *, stage: int = 1, lr: float = 1e-
     cfg.gear.use_repa = use_repa
     cfg.gear.projector_dim = 64
     tokenizer = make_tokenizer(quantizer)
-    ar = make_ar() if stage in (1, 2) else None
+    ar = make_ar(condition) if stage in (1, 2) else None
     teacher = make_teacher() if stage == 1 or (stage == 2 and use_repa) else None
     projector = ProjectorBank(ar.config.hidden_size, [teacher.hidden_size], 64) if teacher is not None else None
     discriminator = tokenizer_loss = None
@@ -232,8 +246,14 @@ def build(accelerator, quantizer: str = "vq", *, stage: int = 1, lr: float = 1e-
     )
     generator = torch.Generator().manual_seed(1)
     batch = {"pixel_values": torch.randint(0, 256, (BATCH, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8,
-                                           generator=generator),
-             "labels": torch.tensor([3, 7])}
+                                           generator=generator)}
+    if condition == "text":
+        tokenizer_text = byte_level_tokenizer()
+        m.text_conditioner = TextConditioner(tokenizer_text, tiny_text_encoder(tokenizer_text), max_length=12,
+                                             caption_dropout=0.5)
+        batch["captions"] = ["a red car", "a cat on a sofa"]
+    else:
+        batch["labels"] = torch.tensor([3, 7])
     return Setup(m, cfg, batch, timeline, probes)
 
 
@@ -272,14 +292,17 @@ def phases(timeline: list) -> dict[str, list]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_ntp_gives_no_gradient_to_tokenizer(accelerator, quantizer):
-    s = build(accelerator, quantizer)
+CASES = [(q, "class") for q in QUANTIZERS] + [("vq", "text")]  # the text-conditional AR routes the same way
+
+
+@pytest.mark.parametrize("quantizer, condition", CASES)
+def test_ntp_gives_no_gradient_to_tokenizer(accelerator, quantizer, condition):
+    s = build(accelerator, quantizer, condition=condition)
     m = s.m
     # As the step computes it: tokenizer forward (train mode) → hard tokens → full AR forward → NTP → backprop.
     tok_out = m.tokenizer(s.batch["pixel_values"].float() / 127.5 - 1, return_assignment=True)
     tokens = tok_out.indices.flatten(1)
-    logits = m.ar(input_ids=tokens[:, :-1], class_labels=s.batch["labels"]).logits
+    logits = m.ar(input_ids=tokens[:, :-1], **batch_condition(m, s.batch).model_kwargs()).logits
     ntp = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
     tok_params = list(m.tokenizer.parameters())
     grads = torch.autograd.grad(ntp, tok_params + list(m.ar.parameters()), allow_unused=True)
@@ -309,12 +332,12 @@ def test_ntp_gives_no_gradient_to_tokenizer(accelerator, quantizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_each_phase_moves_only_its_own_module(accelerator, quantizer):
+@pytest.mark.parametrize("quantizer, condition", CASES)
+def test_each_phase_moves_only_its_own_module(accelerator, quantizer, condition):
     """Which parameters move in which phase of one real `gear_step` (all losses on), and that no phase leaves a
     gradient on another module: an AR/projector `.grad` written by the soft branch would survive the tokenizer's
     zero_grad and be applied by the AR optimizer."""
-    s = build(accelerator, quantizer)
+    s = build(accelerator, quantizer, condition=condition)
     initial = s.probes["tokenizer"]._state()
     gear_step(s.m, s.batch, s.cfg)
     assert [e[1] for e in s.timeline if e[0] == "update"] == ["tokenizer", "discriminator", "ar"]
@@ -371,9 +394,9 @@ def test_soft_guidance_reaches_encoder_and_codebook_only(accelerator, quantizer,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_soft_pass_runs_blocks_up_to_align_layer_only(accelerator, quantizer):
-    s = build(accelerator, quantizer)
+@pytest.mark.parametrize("quantizer, condition", CASES)
+def test_soft_pass_runs_blocks_up_to_align_layer_only(accelerator, quantizer, condition):
+    s = build(accelerator, quantizer, condition=condition)
     watch_ar(s)
     gear_step(s.m, s.batch, s.cfg)
     split = phases(s.timeline)

@@ -216,7 +216,7 @@ def test_component_mismatch_errors(components):
         GEARPipeline(vq_model=transformer, transformer=vq_model)
     with pytest.raises(ValueError, match="outside"):
         GEARPipeline(vq_model=vq_model, transformer=transformer, id2label={10: "too far"})
-    with pytest.raises(NotImplementedError, match="text_encoder"):
+    with pytest.raises(ValueError, match="class-conditional: it takes no text_encoder"):
         GEARPipeline(vq_model=vq_model, transformer=transformer, text_encoder=torch.nn.Linear(1, 1))
     check_components_compatible(vq_model, transformer)
 
@@ -246,6 +246,9 @@ def test_component_mismatch_errors(components):
         (dict(class_labels=1, temperature=0.0), ValueError, "do_sample=False"),
         (dict(class_labels=1, guidance_interval=-3), ValueError, "guidance_interval"),
         (dict(class_labels=1, preset="best"), ValueError, "Unknown sampling preset"),
+        (dict(prompt="a photo of a cat"), ValueError, "Prompts need a text-to-image pipeline"),
+        (dict(prompt_embeds=torch.zeros(1, 4, 8)), ValueError, "class-conditional .* text-to-image pipelines only"),
+        (dict(prompt=1, class_labels=2), ValueError, "positionally or as class_labels"),
     ],
 )
 def test_bad_inputs_fail_before_sampling(pipe, monkeypatch, kwargs, error, match):

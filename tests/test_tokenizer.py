@@ -121,6 +121,22 @@ def test_shapes_hard_readout_and_index_code_round_trip(models, quantizer):
         assert torch.equal(model.quantize.codes_from_indices(out.indices), model.quantize.embedding.weight[out.indices])
 
 
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_encode_returns_the_pre_quantization_latent_on_request(models, quantizer):
+    model = models[quantizer]
+    with torch.no_grad():
+        plain = model.encode(images())
+        out = model.encode(images(), return_latent=True)
+        # The latent is the encoder (→ quant_conv) output, and the quantizer maps it to the same tokens and codes.
+        expected = model.quant_conv(model.encoder(images()))
+        requantized = model.quantize(out.latent)
+    assert plain.latent is None
+    assert out.latent.shape == out.quantized.shape
+    torch.testing.assert_close(out.latent, expected, rtol=0, atol=0)
+    assert torch.equal(requantized.indices, out.indices) and torch.equal(out.indices, plain.indices)
+    torch.testing.assert_close(requantized.quantized, out.quantized, rtol=0, atol=0)
+
+
 def test_vq_codes_are_l2_normalised(models):
     codes = models["vq"].quantize.codes_from_indices(torch.arange(64))
     torch.testing.assert_close(codes.norm(dim=-1), torch.ones(64))
@@ -177,8 +193,10 @@ def test_entropy_loss_against_hand_computation():
     assert weighted.item() == pytest.approx(2 * sample - 0.5 * avg_entropy, abs=1e-6)
 
 
-def test_entropy_loss_uses_global_average_with_local_gradient(monkeypatch):
-    """Under DDP the avg-entropy value uses the all-reduced p-bar; its gradient flows through the local p-bar."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_entropy_loss_uses_global_average_with_local_gradient(monkeypatch, chunked):
+    """Under DDP the avg-entropy value uses the all-reduced p-bar; its gradient flows through the local p-bar
+    (for the dense and the row-chunked formula alike)."""
     import gear_hf.models.quantizers as quantizers
 
     other_rank_avg = torch.tensor([0.7, 0.2, 0.1])
@@ -191,7 +209,7 @@ def test_entropy_loss_uses_global_average_with_local_gradient(monkeypatch):
     monkeypatch.setattr(quantizers.dist, "all_reduce", fake_all_reduce)
 
     logits = torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.5]], requires_grad=True)
-    _, _, avg_entropy = entropy_loss(logits, temperature=1.0, sync_across_ranks=True)
+    _, _, avg_entropy = entropy_loss(logits, temperature=1.0, sync_across_ranks=True, chunked=chunked)
     local_avg = torch.softmax(logits.detach(), -1).mean(0)
     global_avg = (local_avg + other_rank_avg) / 2
     assert avg_entropy.item() == pytest.approx(-(global_avg * torch.log(global_avg + 1e-5)).sum().item(), abs=1e-6)
@@ -202,7 +220,7 @@ def test_entropy_loss_uses_global_average_with_local_gradient(monkeypatch):
     (torch.softmax(surrogate_logits, -1).mean(0) * slope).sum().backward()
     torch.testing.assert_close(logits.grad, surrogate_logits.grad)
     # Without sync (eval / rank-divergent code paths) nothing is reduced.
-    _, _, local_only = entropy_loss(logits, temperature=1.0, sync_across_ranks=False)
+    _, _, local_only = entropy_loss(logits, temperature=1.0, sync_across_ranks=False, chunked=chunked)
     assert local_only.item() == pytest.approx(-(local_avg * torch.log(local_avg + 1e-5)).sum().item(), abs=1e-6)
 
 

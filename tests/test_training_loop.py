@@ -653,7 +653,8 @@ def test_stage_chain_through_the_scripts(tmp_path, capsys):
     # A config of another stage, and a bad key, are one-line errors (exit code 2).
     capsys.readouterr()
     assert main(2, ["--config", str(TINY[1])]) == 2
-    assert "is a stage-1 config; run it with scripts/train_gear.py" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a stage-1 config" in err and "run it with scripts/train_gear.py" in err
     assert main(1, ["--config", str(TINY[1]), "--set", "gear.align_layer=9", "--output-dir", str(tmp_path / "x")]) == 2
     assert "gear.align_layer (ℓ) = 9 must be in [1, 2]" in capsys.readouterr().err
 
@@ -664,10 +665,12 @@ def test_every_preset_parses():
     from gear_hf.models.configuration_gear_tokenizer import GEARTokenizerConfig
 
     files = sorted((REPO / "configs").glob("stage*/*.yaml")) + sorted((REPO / "configs" / "tiny").glob("*.yaml"))
-    assert len(files) >= 20
+    files += sorted((REPO / "configs" / "t2i").glob("*.yaml"))
+    assert len(files) >= 23
     for path in files:
         cfg = TrainingConfig.from_yaml(path)
-        assert path.parent.name == "tiny" or path.parent.name == f"stage{cfg.train.stage}", path
+        folder = "t2i" if cfg.data.source in ("gpic", "blip3o") else f"stage{cfg.train.stage}"
+        assert path.parent.name in ("tiny", folder), path
         if cfg.tokenizer.preset:
             GEARTokenizerConfig.from_preset(cfg.tokenizer.preset, **cfg.tokenizer.config)
         if cfg.train.stage > 0:

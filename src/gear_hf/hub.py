@@ -115,23 +115,44 @@ def _tokenizer_facts(model: Any) -> dict[str, Any]:
 
 def _generator_facts(model: Any) -> dict[str, Any]:
     c = model.config
+    text = getattr(c, "is_text_conditional", False)
+    if text:
+        kind = f"text-conditional LlamaGen ({_size_name(c)}), first {c.num_double_stream_layers} blocks dual-stream"
+        condition = (f"text: {c.text_length} positions of caption_dim {c.caption_dim} ({c.text_attention} "
+                     "attention); the unconditional condition is the encoding of \"\"")
+    else:
+        kind = f"class-conditional LlamaGen ({_size_name(c)})"
+        condition = f"{c.num_classes}" + (" classes + null class (CFG)" if c.has_null_class else " classes (no CFG)")
     return {
         "size_name": _size_name(c),
+        "text_to_image": text,
         "vocab_size": c.vocab_size,
         "num_classes": c.num_classes,
         "has_null_class": c.has_null_class,
+        "caption_dim": getattr(c, "caption_dim", None),
+        "text_length": getattr(c, "text_length", None),
         "image_size": c.image_size,
         "grid_size": c.grid_size,
         "num_image_tokens": c.num_image_tokens,
         "architecture": [
-            ("architecture", f"class-conditional LlamaGen ({_size_name(c)})"),
+            ("architecture", kind),
             ("layers / width / heads", f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads}"),
             ("image-token vocabulary", c.vocab_size),
-            ("classes", f"{c.num_classes}" + (" + null class (CFG)" if c.has_null_class else " (no CFG)")),
+            ("condition", condition),
             ("token grid", f"{c.grid_size}×{c.grid_size} ({c.num_image_tokens} tokens, {c.image_size} px)"),
             ("parameters", _count_parameters(model)),
         ],
     }
+
+
+def _text_encoder_facts(pipeline: Any) -> dict[str, Any]:
+    encoder = getattr(pipeline, "text_encoder", None)
+    if encoder is None:
+        return {}
+    name = getattr(encoder.config, "_name_or_path", "") or type(encoder).__name__
+    return {"text_encoder_name": name,
+            "text_encoder_row": ("text_encoder", f"`{type(encoder).__name__}` ({name}), hidden size "
+                                                 f"{encoder.config.hidden_size}, frozen")}
 
 
 def _sampling_presets() -> dict[str, dict[str, Any]]:
@@ -222,7 +243,11 @@ def create_model_card(
     presets = _sampling_presets()
 
     facts: dict[str, Any] = {}
-    kind_tags = ["image-generation", "autoregressive", "class-conditional"]
+    condition = "class-conditional"
+    if kind != "tokenizer":
+        ar = obj.transformer if kind == "pipeline" else obj
+        condition = "text-to-image" if ar.config.is_text_conditional else "class-conditional"
+    kind_tags = ["image-generation", "autoregressive", condition]
     if kind == "tokenizer":
         facts = _tokenizer_facts(obj)
         kind_tags = ["image-tokenizer", "vector-quantization", obj.config.quantizer]
@@ -230,14 +255,14 @@ def create_model_card(
         facts = _generator_facts(obj)
         kind_tags += ["llamagen"]
     else:
-        tok, gen = _tokenizer_facts(obj.vq_model), _generator_facts(obj.transformer)
-        facts = {**gen, **tok, "image_size": obj.image_size}
+        tok, gen, text = _tokenizer_facts(obj.vq_model), _generator_facts(obj.transformer), _text_encoder_facts(obj)
+        facts = {**gen, **tok, **text, "image_size": obj.image_size}
         facts["architecture"] = [("vq_model: " + k, v) for k, v in tok["architecture"]] + [
-            ("transformer: " + k, v) for k, v in gen["architecture"]]
+            ("transformer: " + k, v) for k, v in gen["architecture"]] + ([text["text_encoder_row"]] if text else [])
         facts.update(_label_facts(obj))
         kind_tags += ["llamagen", "image-tokenizer", obj.vq_model.config.quantizer]
-        if pipeline_tag is None:
-            pipeline_tag = "unconditional-image-generation"
+        if pipeline_tag is None:  # class-conditional ImageNet generators use the unconditional task on the Hub
+            pipeline_tag = "text-to-image" if condition == "text-to-image" else "unconditional-image-generation"
 
     all_tags = [LIBRARY_NAME, "gear"] + kind_tags + list(tags or [])
     if isinstance(datasets, str):

@@ -1,9 +1,10 @@
-"""Sampling image-token grids from a class-conditional GEAR / LlamaGen model.
+"""Sampling image-token grids from a GEAR / LlamaGen model, class- or text-conditional.
 
-The loop is gpt-fast shaped: `prefill` runs the class token, `decode_one_token` one step of the static KV cache,
-`decode_n_tokens` the rest of the raster. Classifier-free guidance runs the conditional and the unconditional
-(null-class) sequence as one doubled batch `[cond; uncond]` and mixes the logits as `u + s * (c - u)` before the
-temperature, exactly as the official sampler. Nothing is allocated per step except the model's own activations,
+The loop is gpt-fast shaped: `prefill` runs the condition prefix (the class token, or the text positions),
+`decode_one_token` one step of the static KV cache, `decode_n_tokens` the rest of the raster. Classifier-free
+guidance runs the conditional and the unconditional sequence (null class, or the encoding of the empty prompt) as
+one doubled batch `[cond; uncond]` and mixes the logits as `u + s * (c - u)` before the temperature, exactly as the
+official samplers. Nothing is allocated per step except the model's own activations,
 and nothing waits on the device (no `.item()`, no `torch.multinomial`): tokens are drawn with the Gumbel-max
 trick from per-row uniform noise, which makes per-sample generators possible.
 """
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .conditioning import GEARCondition
 
 
 @dataclass(frozen=True)
@@ -164,9 +167,9 @@ class TokenPicker:
         return (logits + gumbel).argmax(dim=-1)
 
 
-def prefill(model, condition: torch.Tensor, cache) -> torch.Tensor:
-    """Run the class tokens of all rows into the empty cache; returns the logits of image token 0."""
-    return model(class_labels=condition, cache=cache).logits[:, -1]
+def prefill(model, condition: GEARCondition, cache) -> torch.Tensor:
+    """Run the condition prefix of all rows into the empty cache; returns the logits of image token 0."""
+    return model(**condition.model_kwargs(), cache=cache).logits[:, -1]
 
 
 def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
@@ -188,8 +191,8 @@ def decode_n_tokens(model, cache, tokens: torch.Tensor, start: int,
             callback(t)
 
 
-def _sample_with_cache(model, condition, tokens, pick, callback) -> None:
-    cache = model.allocate_kv_cache(condition.shape[0])
+def _sample_with_cache(model, condition: GEARCondition, tokens, pick, callback) -> None:
+    cache = model.allocate_kv_cache(condition.batch_size)
     logits = prefill(model, condition, cache)
     tokens[:, 0] = pick(guide_logits(logits, tokens.shape[0], pick.settings.guidance_scale))
     if callback is not None:
@@ -197,13 +200,13 @@ def _sample_with_cache(model, condition, tokens, pick, callback) -> None:
     decode_n_tokens(model, cache, tokens, 1, pick, callback)
 
 
-def _sample_without_cache(model, condition, tokens, pick, callback) -> None:
+def _sample_without_cache(model, condition: GEARCondition, tokens, pick, callback) -> None:
     """Reference loop: recompute the full prefix at every step (slow; for checks and benchmarks)."""
     batch_size = tokens.shape[0]
     for t in range(tokens.shape[1]):
-        rows = condition.shape[0] if pick.settings.is_guided(t) else batch_size
+        rows = condition.batch_size if pick.settings.is_guided(t) else batch_size
         prefix = tokens[:, :t].repeat(rows // batch_size, 1) if t > 0 else None
-        logits = model(input_ids=prefix, class_labels=condition[:rows]).logits[:, -1]
+        logits = model(input_ids=prefix, **condition.rows(rows).model_kwargs()).logits[:, -1]
         tokens[:, t] = pick(guide_logits(logits, batch_size, pick.settings.guidance_scale))
         if callback is not None:
             callback(t)
@@ -219,10 +222,48 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
+def model_condition(model, class_labels=None, text_embeds=None, text_attention_mask=None) -> GEARCondition:
+    """The `GEARCondition` of a call on `model`, checked against the model's condition type (one clear error)."""
+    config = model.config
+    device = model.tok_embeddings.weight.device
+    if config.is_text_conditional:
+        if class_labels is not None or text_embeds is None:
+            raise ValueError("This model is text-conditional: pass text_embeds=(B, L, C) (and text_attention_mask), "
+                             "e.g. from gear_hf.text_encoder.encode_prompts, not class labels.")
+        model.check_text_condition(text_embeds, text_attention_mask)
+        return GEARCondition(text_embeds=text_embeds, text_attention_mask=text_attention_mask).to(device)
+    if text_embeds is not None or class_labels is None:
+        raise ValueError("This model is class-conditional: pass class_labels=(B,), not text_embeds.")
+    class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
+    model.check_class_labels(class_labels)
+    return GEARCondition(class_labels=class_labels)
+
+
+def unconditional(model, condition: GEARCondition, null_text_embeds=None,
+                  null_text_attention_mask=None) -> GEARCondition:
+    """The unconditional half of a CFG batch: the null class, or the given encoding of the empty prompt."""
+    config = model.config
+    if not condition.is_text:
+        if not config.has_null_class:
+            raise ValueError("guidance_scale > 1 needs the null class, but this model has class_dropout_prob == 0 "
+                             "(no null-class embedding). Use guidance_scale=1.")
+        return GEARCondition(class_labels=torch.full_like(condition.class_labels[:1], config.null_class_id))
+    if null_text_embeds is None:
+        raise ValueError("guidance_scale > 1 needs the unconditional text condition: pass null_text_embeds (and "
+                         "null_text_attention_mask), the encoding of the empty prompt \"\" (official), e.g. "
+                         "gear_hf.text_encoder.encode_prompts(tokenizer, text_encoder, [\"\"]).")
+    model.check_text_condition(null_text_embeds, null_text_attention_mask)
+    return GEARCondition(text_embeds=null_text_embeds, text_attention_mask=null_text_attention_mask)
+
+
 def generate_image_tokens(
     model,
-    class_labels: torch.Tensor | list[int],
+    class_labels: torch.Tensor | list[int] | None = None,
     *,
+    text_embeds: torch.Tensor | None = None,
+    text_attention_mask: torch.Tensor | None = None,
+    null_text_embeds: torch.Tensor | None = None,
+    null_text_attention_mask: torch.Tensor | None = None,
     guidance_scale: float | None = None,
     guidance_interval: int | None = None,
     do_sample: bool | None = None,
@@ -234,12 +275,17 @@ def generate_image_tokens(
     use_cache: bool = True,
     callback: Callable[[int], None] | None = None,
 ) -> torch.LongTensor:
-    """Sample image-token grids `(B, grid_size, grid_size)` for `class_labels` (B,).
+    """Sample image-token grids `(B, grid_size, grid_size)` for `class_labels` (B,) of a class-conditional model,
+    or for `text_embeds` (B, L, C) + `text_attention_mask` (B, L) of a text-conditional one.
 
     Settings start from `preset` (`"fid"`: the official evaluation, no guidance; `"demo"`: LlamaGen's demo,
     guidance 4, top-k 2000; None: `SamplingConfig()` defaults = `"fid"`); any argument that is not None overrides
     the preset. The resolved `SamplingConfig` is attached to the result as `grid.sampling_config` (a plain Python
     attribute of the returned tensor: read it before moving/copying the tensor).
+
+    Guidance pairs every row with an unconditional one: the null class, or (text) `null_text_embeds` /
+    `null_text_attention_mask`, the encoding of the empty prompt `""` as in the official code, given as one row
+    (broadcast) or B rows.
 
     `generator` is one `torch.Generator` shared by the batch, or a list of B generators (one per sample, so each
     sample is reproducible whatever the batch size), or None (global RNG). `use_cache=False` recomputes the whole
@@ -253,11 +299,10 @@ def generate_image_tokens(
         preset, vocab_size=config.vocab_size, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
         do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
     )
-    class_labels = torch.as_tensor(class_labels, dtype=torch.long, device=device)
-    model.check_class_labels(class_labels)
-    batch_size = class_labels.shape[0]
+    condition = model_condition(model, class_labels, text_embeds, text_attention_mask)
+    batch_size = condition.batch_size
     if batch_size == 0:
-        raise ValueError("class_labels is empty; pass at least one label.")
+        raise ValueError("The condition is empty; pass at least one class label or prompt embedding.")
     if isinstance(generator, (list, tuple)):
         generator = list(generator)
         if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
@@ -267,15 +312,11 @@ def generate_image_tokens(
             raise ValueError("All per-sample generators must live on the same device.")
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, a list of them or None; got {type(generator)}.")
-    guided = settings.guidance_scale > 1.0
-    if guided and not config.has_null_class:
-        raise ValueError("guidance_scale > 1 needs the null class, but this model has class_dropout_prob == 0 "
-                         "(no null-class embedding). Use guidance_scale=1.")
 
     # 2. Conditioning rows: [cond; uncond] under guidance.
-    condition = class_labels
-    if guided:
-        condition = torch.cat([class_labels, torch.full_like(class_labels, config.null_class_id)])
+    if settings.guidance_scale > 1.0:
+        null = unconditional(model, condition, null_text_embeds, null_text_attention_mask)
+        condition = condition.with_unconditional(null.to(device))
 
     # 3. Decode the raster.
     tokens = torch.empty(batch_size, config.num_image_tokens, dtype=torch.long, device=device)
@@ -299,4 +340,6 @@ __all__ = [
     "decode_one_token",
     "decode_n_tokens",
     "generate_image_tokens",
+    "model_condition",
+    "unconditional",
 ]

@@ -12,4 +12,4 @@ from .modeling_gear_tokenizer import (
     GEARTokenizerOutput,
     GEARTokenizerPreTrainedModel,
 )
-from .quantizers import entropy_loss, hard_readout, soft_readout
+from .quantizers import entropy_loss, hard_readout, soft_embed, soft_readout

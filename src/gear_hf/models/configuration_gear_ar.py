@@ -1,4 +1,4 @@
-"""Configuration of the class-conditional LlamaGen autoregressive generator used by GEAR."""
+"""Configuration of GEAR's LlamaGen autoregressive generator, class-conditional or text-conditional."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ from typing import ClassVar
 
 from transformers import PreTrainedConfig
 
-# Architecture presets of the class-conditional LlamaGen family (names as in GEAR; LlamaGen calls them GPT-*).
-# Every preset uses head_dim 64 except LlamaGen-S (32).
+# Architecture presets of the LlamaGen family (names as in GEAR; LlamaGen calls them GPT-*). Every preset uses
+# head_dim 64 except LlamaGen-S (32) and LlamaGen-1B (72). LlamaGen-1B is GEAR's text-to-image size (Table 17; not
+# LlamaGen's GPT-1B, which was 22 x 32 x 2048).
 LLAMAGEN_PRESETS: dict[str, dict[str, int]] = {
     "LlamaGen-S": {"num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 384},
     "LlamaGen-B": {"num_hidden_layers": 12, "num_attention_heads": 12, "hidden_size": 768},
     "LlamaGen-L": {"num_hidden_layers": 24, "num_attention_heads": 16, "hidden_size": 1024},
     "LlamaGen-XL": {"num_hidden_layers": 36, "num_attention_heads": 20, "hidden_size": 1280},
+    "LlamaGen-1B": {"num_hidden_layers": 36, "num_attention_heads": 20, "hidden_size": 1440},
     "LlamaGen-XXL": {"num_hidden_layers": 48, "num_attention_heads": 24, "hidden_size": 1536},
     "LlamaGen-XXXL": {"num_hidden_layers": 48, "num_attention_heads": 40, "hidden_size": 2560},
 }
@@ -28,14 +30,20 @@ def default_intermediate_size(hidden_size: int) -> int:
     return find_multiple(int(2 * 4 * hidden_size / 3), 256)
 
 
-class GEARConfig(PreTrainedConfig):
-    r"""Configuration of [`GEARForCausalImageLM`], the class-conditional LlamaGen transformer of GEAR.
+CONDITION_TYPES = ("class", "text")
+TEXT_ATTENTION_MODES = ("causal", "prefix")
 
-    The model predicts the `grid_size**2` image tokens of a VQ tokenizer in raster order, conditioned on one
-    class token. Build a named size with `GEARConfig.from_preset("LlamaGen-B", **overrides)` or give the sizes
-    directly.
+
+class GEARConfig(PreTrainedConfig):
+    r"""Configuration of [`GEARForCausalImageLM`], GEAR's LlamaGen transformer.
+
+    The model predicts the `grid_size**2` image tokens of a VQ tokenizer in raster order, conditioned on a prefix:
+    one class token (`condition_type="class"`), or `text_length` projected text-encoder features
+    (`condition_type="text"`, GEAR's text-to-image model). Build a named size with
+    `GEARConfig.from_preset("LlamaGen-B", **overrides)` or give the sizes directly.
 
     Args:
+        condition_type: `"class"` (class-conditional) or `"text"` (text-conditional).
         vocab_size: codebook size K of the image tokenizer (number of image-token ids).
         num_classes: number of real classes. The null (unconditional) class has index `num_classes`; its
             embedding row exists only when `class_dropout_prob > 0` (the table then has `num_classes + 1` rows).
@@ -51,12 +59,23 @@ class GEARConfig(PreTrainedConfig):
         ffn_dropout_prob: dropout on the SwiGLU output.
         attn_dropout_prob: dropout on the attention probabilities.
         initializer_range: std of the normal init of linear and embedding weights.
-        cls_token_num: number of prefix positions; the class-conditional model uses exactly one.
+        cls_token_num: number of prefix positions of the class-conditional model: exactly one.
+        caption_dim: text only: hidden size of the text encoder (2048 for Qwen3-1.7B); the caption projector maps
+            it to `hidden_size`.
+        text_length: text only: number of text positions (captions are padded / truncated to it; official 300).
+        text_attention: text only: `"causal"` (official default: text position i sees valid text positions <= i)
+            or `"prefix"` (text positions see every valid text position). Image positions always see every valid
+            text position and the earlier image tokens; padded text positions are never attended, except by
+            themselves.
+        num_double_stream_layers: text only: the first blocks give text positions their own attention
+            projections and norm (`wqkv_text`, `wo_text`, `attention_norm_text`; one joint attention); the rest are
+            plain blocks over the whole sequence. `None` = official `max(1, round(num_hidden_layers / 3))`.
     """
 
     model_type = "gear_ar"
     presets: ClassVar[dict[str, dict[str, int]]] = LLAMAGEN_PRESETS
 
+    condition_type: str = "class"
     vocab_size: int = 16384
     num_classes: int = 1000
     hidden_size: int = 768
@@ -74,15 +93,30 @@ class GEARConfig(PreTrainedConfig):
     attn_dropout_prob: float = 0.0
     initializer_range: float = 0.02
     cls_token_num: int = 1
+    caption_dim: int = 2048
+    text_length: int = 300
+    text_attention: str = "causal"
+    num_double_stream_layers: int | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
+        if self.num_double_stream_layers is None:
+            self.num_double_stream_layers = (max(1, round(self.num_hidden_layers / 3))
+                                             if self.condition_type == "text" else 0)
         self._validate()
         super().__post_init__(**kwargs)
 
     def _validate(self) -> None:
+        if self.condition_type not in CONDITION_TYPES:
+            raise ValueError(f"GEARConfig.condition_type must be one of {CONDITION_TYPES}, got "
+                             f"{self.condition_type!r}.")
+        if self.condition_type == "text":
+            self._validate_text()
+        elif self.num_double_stream_layers != 0:
+            raise ValueError("num_double_stream_layers applies to text-conditional models only "
+                             "(condition_type='text'); a class-conditional model has none.")
         for name in ("vocab_size", "num_classes", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "image_size", "downsample_factor"):
             value = getattr(self, name)
@@ -118,6 +152,19 @@ class GEARConfig(PreTrainedConfig):
                 f"{self.rms_norm_eps}, {self.rope_theta}, {self.initializer_range}."
             )
 
+    def _validate_text(self) -> None:
+        for name in ("caption_dim", "text_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GEARConfig.{name} must be a positive integer, got {value!r}.")
+        if self.text_attention not in TEXT_ATTENTION_MODES:
+            raise ValueError(f"GEARConfig.text_attention must be one of {TEXT_ATTENTION_MODES}, got "
+                             f"{self.text_attention!r}.")
+        n = self.num_double_stream_layers
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.num_hidden_layers:
+            raise ValueError(f"num_double_stream_layers must be an int in [0, num_hidden_layers="
+                             f"{self.num_hidden_layers}] (None = max(1, round(num_hidden_layers / 3))), got {n!r}.")
+
     @classmethod
     def from_preset(cls, name: str, **overrides) -> GEARConfig:
         """Config of a named LlamaGen size (`LlamaGen-S/B/L/XL/XXL/XXXL`); keyword overrides win."""
@@ -139,6 +186,15 @@ class GEARConfig(PreTrainedConfig):
         return self.grid_size**2
 
     @property
+    def is_text_conditional(self) -> bool:
+        return self.condition_type == "text"
+
+    @property
+    def prefix_length(self) -> int:
+        """Condition positions before the image tokens: 1 class token, or `text_length` text positions."""
+        return self.text_length if self.is_text_conditional else self.cls_token_num
+
+    @property
     def null_class_id(self) -> int:
         """Label of the unconditional (CFG) class; only embeddable when `class_dropout_prob > 0`."""
         return self.num_classes
@@ -152,4 +208,5 @@ class GEARConfig(PreTrainedConfig):
         return self.num_classes + int(self.has_null_class)
 
 
-__all__ = ["GEARConfig", "LLAMAGEN_PRESETS", "find_multiple", "default_intermediate_size"]
+__all__ = ["GEARConfig", "LLAMAGEN_PRESETS", "CONDITION_TYPES", "TEXT_ATTENTION_MODES", "find_multiple",
+           "default_intermediate_size"]

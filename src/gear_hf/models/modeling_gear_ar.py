@@ -1,9 +1,15 @@
-"""Class-conditional LlamaGen transformer: GEAR's autoregressive image-token generator.
+"""LlamaGen transformer: GEAR's autoregressive image-token generator, class- or text-conditional.
 
 Blocks appear in the order data meets them: RMSNorm, 2-D rotary embedding, SwiGLU, attention (with a static
-KV cache for sampling), decoder layer, then the model. Parameter names follow the official GEAR / LlamaGen
-checkpoints one-to-one (`tok_embeddings`, `layers.{i}.attention.wqkv`, `output`, ...), so official weights load
-strictly without renaming.
+KV cache for sampling), decoder layer, condition embeddings, then the model. Parameter names follow the official
+GEAR / LlamaGen checkpoints one-to-one (`tok_embeddings`, `layers.{i}.attention.wqkv`, `output`, ...; text models:
+`cls_embedding.cap_proj.fc{1,2}`, `layers.{i}.attention.wqkv_text` / `wo_text`, `layers.{i}.attention_norm_text`),
+so official weights load strictly without renaming.
+
+The sequence is `[prefix] + image tokens`: one class token, or `text_length` projected text-encoder features. The
+prefix positions get all-zero rotary rows, so their queries and keys vanish in every layer (inherited from LlamaGen,
+kept for checkpoint parity). Text models give the text positions of the first `num_double_stream_layers` blocks
+their own attention projections and norm (one joint attention over both streams) and mask padded text positions.
 """
 
 from __future__ import annotations
@@ -87,13 +93,17 @@ class GEARKVCache:
     views; the model calls `advance(q_len)` once all layers ran. A call with fewer rows than `batch_size` updates
     only the leading rows (used to drop the unconditional CFG half once guidance stops); the other rows then go
     stale and must not be read again.
+
+    Text models also keep `key_mask` `(batch_size, max_length)`: which cached positions may be attended (False for
+    padded text positions, written when the text prefix runs; True elsewhere).
     """
 
     def __init__(self, *, num_layers: int, batch_size: int, num_heads: int, head_dim: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, with_key_mask: bool = False):
         shape = (num_layers, batch_size, num_heads, max_length, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device) if with_key_mask else None
         self.seq_length = 0
 
     @property
@@ -122,10 +132,24 @@ class GEARKVCache:
         self.seq_length = 0
 
 
-class GEARAttention(nn.Module):
-    """Causal multi-head self-attention with a fused `wqkv` projection and 2-D RoPE on queries and keys."""
+def by_stream(x: torch.Tensor, num_text: int, text: nn.Module | None, image: nn.Module) -> torch.Tensor:
+    """`text` on the first `num_text` positions of `x` (B, S, D), `image` on the rest (one call when a stream is
+    empty or there is no text module)."""
+    if text is None or num_text == 0:
+        return image(x)
+    if num_text == x.shape[1]:
+        return text(x)
+    return torch.cat([text(x[:, :num_text]), image(x[:, num_text:])], dim=1)
 
-    def __init__(self, config: GEARConfig, layer_idx: int):
+
+class GEARAttention(nn.Module):
+    """Multi-head self-attention with a fused `wqkv` projection and 2-D RoPE on queries and keys.
+
+    With `has_text_stream`, the leading `num_text` positions of a call are projected by `wqkv_text` / `wo_text`
+    and the rest by `wqkv` / `wo`; queries, keys and values of both streams go through one joint attention.
+    """
+
+    def __init__(self, config: GEARConfig, layer_idx: int, has_text_stream: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
@@ -134,13 +158,18 @@ class GEARAttention(nn.Module):
         self.attn_dropout_prob = config.attn_dropout_prob
         self.wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.has_text_stream = has_text_stream
+        if has_text_stream:
+            self.wqkv_text = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+            self.wo_text = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.resid_dropout = nn.Dropout(config.resid_dropout_prob)
 
-    def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor,
-                cache: GEARKVCache | None = None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor, cache: GEARKVCache | None = None,
+                attention_mask: torch.Tensor | None = None, num_text: int = 0) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         heads = (batch, length, self.num_heads, self.head_dim)
-        query, key, value = self.wqkv(hidden_states).split(self.hidden_size, dim=-1)
+        qkv = by_stream(hidden_states, num_text, getattr(self, "wqkv_text", None), self.wqkv)
+        query, key, value = qkv.split(self.hidden_size, dim=-1)
         query = apply_2d_rope(query.view(heads), rope_table).transpose(1, 2)
         key = apply_2d_rope(key.view(heads), rope_table).transpose(1, 2)
         value = value.view(heads).transpose(1, 2)
@@ -149,30 +178,36 @@ class GEARAttention(nn.Module):
         if cache is not None:
             past = cache.seq_length
             key, value = cache.update(self.layer_idx, key, value)
-        mask = None
-        if past > 0 and length > 1:  # a chunk appended to a cache: causal mask aligned to the bottom right
+        mask = attention_mask
+        if mask is None and past > 0 and length > 1:  # a chunk appended to a cache: bottom-right causal mask
             mask = torch.ones(length, past + length, dtype=torch.bool, device=query.device).tril(diagonal=past)
         attn = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, is_causal=past == 0 and length > 1,
+            query, key, value, attn_mask=mask, is_causal=mask is None and past == 0 and length > 1,
             dropout_p=self.attn_dropout_prob if self.training else 0.0,
         )
         attn = attn.transpose(1, 2).reshape(batch, length, self.hidden_size)
-        return self.resid_dropout(self.wo(attn))
+        return self.resid_dropout(by_stream(attn, num_text, getattr(self, "wo_text", None), self.wo))
 
 
 class GEARDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm Llama block: `h = x + Attn(norm(x))`, `out = h + FFN(norm(h))`."""
+    """Pre-norm Llama block: `h = x + Attn(norm(x))`, `out = h + FFN(norm(h))`. With a text stream, text positions
+    use their own pre-attention norm and projections; the FFN and its norm are shared."""
 
     def __init__(self, config: GEARConfig, layer_idx: int):
         super().__init__()
+        has_text_stream = layer_idx < config.num_double_stream_layers
         self.attention_norm = GEARRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attention = GEARAttention(config, layer_idx)
+        if has_text_stream:
+            self.attention_norm_text = GEARRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = GEARAttention(config, layer_idx, has_text_stream)
         self.ffn_norm = GEARRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.feed_forward = GEARSwiGLU(config)
 
-    def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor,
-                cache: GEARKVCache | None = None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.attention_norm(hidden_states), rope_table, cache=cache)
+    def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor, cache: GEARKVCache | None = None,
+                attention_mask: torch.Tensor | None = None, num_text: int = 0) -> torch.Tensor:
+        normed = by_stream(hidden_states, num_text, getattr(self, "attention_norm_text", None), self.attention_norm)
+        hidden_states = hidden_states + self.attention(normed, rope_table, cache=cache,
+                                                       attention_mask=attention_mask, num_text=num_text)
         return hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
 
 
@@ -192,22 +227,71 @@ class GEARClassEmbedding(nn.Module):
         return self.embedding_table(class_labels).unsqueeze(1)
 
 
+class GEARCaptionProjection(nn.Module):
+    """`fc2(gelu_tanh(fc1(x)))`, no biases: text-encoder features (caption_dim) -> hidden_size."""
+
+    def __init__(self, config: GEARConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.caption_dim, config.hidden_size, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GEARCaptionEmbedding(nn.Module):
+    """Projects frozen text-encoder features to the prefix embeddings. There is no learned unconditional
+    embedding: the unconditional condition is the encoding of the empty prompt, supplied by the caller (as is
+    caption dropout in training)."""
+
+    def __init__(self, config: GEARConfig):
+        super().__init__()
+        self.cap_proj = GEARCaptionProjection(config)
+
+    def forward(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.cap_proj(text_embeds)
+
+
+def text_attention_mask_for(key_valid: torch.Tensor, past: int, length: int, text_length: int,
+                            mode: str) -> torch.Tensor:
+    """Boolean attention mask `(B, 1, length, past + length)` (True = attend) for positions `[past, past+length)`
+    of a text-conditional sequence. `key_valid` `(B, past + length)` marks attendable keys (False = padded text).
+
+    `"causal"`: query q sees valid keys k <= q. `"prefix"`: every query sees every valid text key; image keys
+    causally; text queries never see image keys. Both: the diagonal is always visible (a padded text position
+    still attends to itself, so no row is empty)."""
+    device = key_valid.device
+    q = torch.arange(past, past + length, device=device)[:, None]
+    k = torch.arange(past + length, device=device)[None, :]
+    causal = k <= q
+    if mode == "prefix":
+        allowed = torch.where(k < text_length, key_valid[:, None, :], causal[None])
+    else:
+        allowed = causal[None] & key_valid[:, None, :]
+    return (allowed | (k == q)[None]).unsqueeze(1)
+
+
 @dataclass
 class GEARCausalImageLMOutput(ModelOutput):
     """Output of [`GEARForCausalImageLM`].
 
     Args:
         loss: mean next-token cross-entropy, when `labels` were given.
-        logits: `(B, S, vocab_size)` fp32 scores for every position fed in this call (class token first when
-            `class_labels` were given): `logits[:, t]` is the distribution of image token `past + t`, where `past`
-            is the number of positions already in the KV cache (0 without cache). `None` with `stop_at_layer`.
+        logits: `(B, S, vocab_size)` fp32 scores, one row per image token predicted in this call: `logits[:, t]` is
+            the distribution of image token `n + t`, with `n` the image tokens already in the KV cache (0 when the
+            call includes the prefix). A call with the prefix and T image tokens gives T + 1 rows, the first from
+            the last prefix position (the class token, or text position `text_length - 1`); earlier prefix
+            positions give none. `None` with `stop_at_layer`.
         cache: the [`GEARKVCache`] that was passed in, advanced past this call's positions (transformers >= 5.24
-            names the cache `cache`; `output.past_key_values` still reads it there, with a deprecation warning).
+            names the cache `cache`; on 5.24 `output.past_key_values` still reads it, with a deprecation warning).
         hidden_states: with `output_hidden_states=True`, `(embeddings, after block 1, ..., after block n)`: entry 0
             is the input sequence of block 1, entry i the residual stream after block i, before the final norm
-            (n = `stop_at_layer` or `num_hidden_layers`).
+            (n = `stop_at_layer` or `num_hidden_layers`); rows aligned with `logits` (row t predicts image token
+            n + t).
         last_hidden_state: residual stream after the last block that ran (block `stop_at_layer` or the final block),
-            before the final norm; always set. This is the REPA tap / truncated soft branch of GEAR.
+            before the final norm, rows aligned with `logits`; always set. This is the REPA tap / truncated soft
+            branch of GEAR.
     """
 
     loss: torch.FloatTensor | None = None
@@ -234,17 +318,20 @@ class GEARPreTrainedModel(PreTrainedModel):
 
 
 class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
-    """Class-conditional LlamaGen: `[class token] + image tokens` -> next image-token logits.
+    """LlamaGen over `[prefix] + image tokens` -> next image-token logits; the prefix is a class token
+    (`config.condition_type="class"`) or projected text-encoder features (`"text"`).
 
-    `forward(input_ids, class_labels)` is the teacher-forced pass: with `input_ids` the first `L - 1` tokens of a
-    `grid_size x grid_size` raster, `logits` holds the `L` next-token predictions. `input_probs` replaces
-    `input_ids` by a distribution over the codebook (GEAR's soft read-out), `stop_at_layer` truncates the pass
-    after a block. Images are sampled with [`generate_images`] (KV cache, classifier-free guidance).
+    `forward(input_ids, class_labels)` / `forward(input_ids, text_embeds=..., text_attention_mask=...)` is the
+    teacher-forced pass: with `input_ids` the first `L - 1` tokens of a `grid_size x grid_size` raster, `logits`
+    holds the `L` next-token predictions. `input_probs` replaces `input_ids` by a distribution over the codebook
+    (GEAR's soft read-out), `stop_at_layer` truncates the pass after a block. Images are sampled with
+    [`generate_images`] (KV cache, classifier-free guidance).
     """
 
     def __init__(self, config: GEARConfig):
         super().__init__(config)
-        self.cls_embedding = GEARClassEmbedding(config)
+        self.cls_embedding = (GEARCaptionEmbedding(config) if config.is_text_conditional
+                              else GEARClassEmbedding(config))
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.tok_dropout = nn.Dropout(config.token_dropout_prob)
         self.layers = nn.ModuleList(GEARDecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -267,8 +354,8 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
 
     @property
     def max_sequence_length(self) -> int:
-        """Class token + every image token."""
-        return self.config.cls_token_num + self.config.num_image_tokens
+        """Prefix + every image token."""
+        return self.config.prefix_length + self.config.num_image_tokens
 
     def rope_table(self, device: torch.device) -> torch.Tensor:
         """fp32 2-D RoPE table for all `max_sequence_length` positions (a plain cached tensor, not a buffer)."""
@@ -276,7 +363,7 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         if device not in self._rope_tables:
             c = self.config
             self._rope_tables[device] = build_2d_rope_table(c.grid_size, c.head_dim, c.rope_theta,
-                                                            c.cls_token_num).to(device)
+                                                            c.prefix_length).to(device)
         return self._rope_tables[device]
 
     def allocate_kv_cache(self, batch_size: int, max_length: int | None = None,
@@ -287,7 +374,19 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
             num_layers=c.num_hidden_layers, batch_size=batch_size, num_heads=c.num_attention_heads,
             head_dim=c.head_dim, max_length=max_length or self.max_sequence_length,
             dtype=dtype or self.tok_embeddings.weight.dtype, device=self.tok_embeddings.weight.device,
+            with_key_mask=c.is_text_conditional,
         )
+
+    @torch.no_grad()
+    def init_text_stream_from_image(self) -> None:
+        """Copy every text-stream block's image projections and norm into its text ones (`wqkv -> wqkv_text`,
+        `wo -> wo_text`, `attention_norm -> attention_norm_text`): the official warm start of a text model from a
+        class-conditional checkpoint."""
+        for layer in self.layers:
+            if layer.attention.has_text_stream:
+                layer.attention.wqkv_text.weight.copy_(layer.attention.wqkv.weight)
+                layer.attention.wo_text.weight.copy_(layer.attention.wo.weight)
+                layer.attention_norm_text.weight.copy_(layer.attention_norm.weight)
 
     def check_class_labels(self, class_labels: torch.Tensor, *, allow_null: bool = True,
                            check_values: bool = True) -> None:
@@ -295,6 +394,9 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
 
         The value check reads the labels back to the host; `check_values=False` checks only dtype and shape."""
         c = self.config
+        if c.is_text_conditional:
+            raise ValueError("This model is text-conditional (condition_type='text'): pass text_embeds=(B, L, C) and "
+                             "text_attention_mask=(B, L) instead of class_labels.")
         if class_labels.dim() != 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be a 1-D integer tensor (B,), got {class_labels.dtype} "
                              f"{tuple(class_labels.shape)}.")
@@ -306,6 +408,27 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
             null_note = (f" (index {c.null_class_id} = null class)" if upper > c.num_classes else
                          " (this model has no null class: class_dropout_prob == 0)" if allow_null else "")
             raise ValueError(f"class_labels must lie in [0, {upper - 1}]{null_note}; got values in [{low}, {high}].")
+
+    def check_text_condition(self, text_embeds: torch.Tensor, text_attention_mask: torch.Tensor | None) -> None:
+        """Raise ValueError unless `text_embeds` is `(B, text_length, caption_dim)` with a matching `(B, L)` mask."""
+        c = self.config
+        if not c.is_text_conditional:
+            raise ValueError("This model is class-conditional (condition_type='class'): pass class_labels=(B,), not "
+                             "text_embeds.")
+        if text_embeds.dim() != 3 or not text_embeds.is_floating_point():
+            raise ValueError(f"text_embeds must be a float tensor (B, L, C), got {text_embeds.dtype} "
+                             f"{tuple(text_embeds.shape)}.")
+        if text_embeds.shape[-1] != c.caption_dim:
+            raise ValueError(
+                f"text_embeds have {text_embeds.shape[-1]} channels but this model's caption_dim is {c.caption_dim}: "
+                f"encode prompts with the text encoder the model was trained with (hidden size {c.caption_dim}), or "
+                f"build the model with GEARConfig(caption_dim={text_embeds.shape[-1]}, ...).")
+        if text_embeds.shape[1] != c.text_length:
+            raise ValueError(f"text_embeds have {text_embeds.shape[1]} positions but the model's text_length is "
+                             f"{c.text_length}: pad / truncate the prompts to {c.text_length} tokens.")
+        if text_attention_mask is not None and tuple(text_attention_mask.shape) != tuple(text_embeds.shape[:2]):
+            raise ValueError(f"text_attention_mask must be (B, L) = {tuple(text_embeds.shape[:2])}, got "
+                             f"{tuple(text_attention_mask.shape)}.")
 
     def embed_image_tokens(self, input_ids: torch.Tensor | None, input_probs: torch.Tensor | None) -> torch.Tensor:
         """Hard ids -> embedding rows; soft `input_probs` (B, T, K) -> `input_probs @ tok_embeddings.weight`."""
@@ -319,12 +442,26 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                              f"{tuple(input_probs.shape)}.")
         return input_probs @ self.tok_embeddings.weight
 
+    def _embed_condition(self, class_labels, text_embeds, text_attention_mask, training: bool = False):
+        """Prefix embeddings `(B, P, D)` and, for text, the key-validity mask of the text positions `(B, P)`."""
+        if class_labels is not None:
+            # Values are checked outside training only: a per-step host sync would stall the training loop
+            # (the trainer checks the dataset's label range against num_classes once, at set-up).
+            self.check_class_labels(class_labels, check_values=not training)
+            return self.cls_embedding(class_labels), None
+        self.check_text_condition(text_embeds, text_attention_mask)
+        valid = (torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
+                 if text_attention_mask is None else text_attention_mask.bool())
+        return self.cls_embedding(text_embeds.to(self.cls_embedding.cap_proj.fc1.weight.dtype)), valid
+
     @deprecate_kwarg("past_key_values", version="6.0.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         class_labels: torch.LongTensor | None = None,
         *,
+        text_embeds: torch.FloatTensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
         input_probs: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         cache: GEARKVCache | None = None,
@@ -332,18 +469,24 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         stop_at_layer: int | None = None,
         return_dict: bool | None = None,
     ) -> GEARCausalImageLMOutput | tuple:
-        r"""Run the transformer on `[class token] + image tokens` (or on the next tokens of a cached sequence).
+        r"""Run the transformer on `[prefix] + image tokens` (or on the next tokens of a cached sequence).
 
         Args:
             input_ids: `(B, T)` image-token ids in raster order (tokens `0..T-1`, or the next `T` tokens when a
-                cache already holds `past` positions).
-            class_labels: `(B,)` labels in `[0, num_classes]` (`num_classes` = null class). Required for an
-                empty/absent cache, forbidden once the cache holds the class token. In training mode each label is
-                replaced by the null class with probability `config.class_dropout_prob`.
+                cache already holds the prefix and earlier tokens).
+            class_labels: class-conditional models: `(B,)` labels in `[0, num_classes]` (`num_classes` = null
+                class). In training mode each label is replaced by the null class with probability
+                `config.class_dropout_prob`.
+            text_embeds: text-conditional models: `(B, text_length, caption_dim)` text-encoder features
+                (`last_hidden_state` of the prompts padded to `text_length`).
+            text_attention_mask: `(B, text_length)`, 1 for real tokens and 0 for padding (default: all real).
+                Padded positions are never attended, except by themselves; an all-padding caption (the official
+                unconditional "" of Qwen3) gives the image no text at all.
+            (The condition is required for an empty/absent cache and forbidden once the cache holds it.)
             input_probs: `(B, T, K)` distributions over the codebook instead of `input_ids` (soft read-out,
                 embedded as `input_probs @ tok_embeddings.weight`). Give at most one of the two.
-            labels: `(B, L)` target image tokens; `loss` is the mean cross-entropy of `logits[:, :L]` against them
-                (`-100` ignored). With `input_ids = labels[:, :-1]` this is the next-token loss.
+            labels: `(B, L)` target image tokens; `loss` is the mean cross-entropy of `logits[:, :L]` against them.
+                With `input_ids = labels[:, :-1]` this is the next-token loss.
             cache: a [`GEARKVCache`] from `allocate_kv_cache`; updated in place and advanced. (`past_key_values=`
                 is the pre-5.24 name, still accepted with a deprecation warning.)
             output_hidden_states: return the residual stream after every block that ran (see the output class).
@@ -353,50 +496,62 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         c = self.config
         if input_ids is not None and input_probs is not None:
             raise ValueError("Pass either input_ids (hard tokens) or input_probs (soft distributions), not both.")
+        if class_labels is not None and text_embeds is not None:
+            raise ValueError("Pass either class_labels or text_embeds, not both.")
         if stop_at_layer is not None and not 1 <= stop_at_layer <= c.num_hidden_layers:
             raise ValueError(f"stop_at_layer must be in [1, {c.num_hidden_layers}] (1-based block index), "
                              f"got {stop_at_layer}.")
         past = cache.seq_length if cache is not None else 0
-        if class_labels is None and past == 0:
-            raise ValueError("class_labels are required unless the cache already holds the class token.")
-        if class_labels is not None and past > 0:
-            raise ValueError(f"class_labels were given but the KV cache already holds {past} positions; pass only "
+        conditioned = class_labels is not None or text_embeds is not None
+        condition_name = "text_embeds" if c.is_text_conditional else "class_labels"
+        if not conditioned and past == 0:
+            raise ValueError(f"{condition_name} are required unless the cache already holds the condition.")
+        if conditioned and past > 0:
+            raise ValueError(f"{condition_name} were given but the KV cache already holds {past} positions; pass only "
                              "the next image tokens.")
-        if class_labels is None and input_ids is None and input_probs is None:
+        if not conditioned and input_ids is None and input_probs is None:
             raise ValueError("Nothing to run: pass input_ids or input_probs.")
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = c.return_dict if return_dict is None else return_dict
 
-        # 1. Embed [class token] + image tokens, then token dropout over the whole sequence.
-        pieces = []
-        if class_labels is not None:
-            # Values are checked outside training only: a per-step host sync would stall the training loop
-            # (the trainer checks the dataset's label range against num_classes once, at set-up). GEAR's soft
-            # pass (soft input, autograd on) runs in eval mode but is training too.
-            training = self.training or (input_probs is not None and torch.is_grad_enabled())
-            self.check_class_labels(class_labels, check_values=not training)
-            pieces.append(self.cls_embedding(class_labels))
+        # 1. Embed [prefix] + image tokens, then token dropout over the whole sequence.
+        pieces, text_valid = [], None
+        if conditioned:
+            # GEAR's soft pass (soft input, autograd on) runs in eval mode but is training: no label-value check.
+            soft_training = input_probs is not None and torch.is_grad_enabled()
+            prefix, text_valid = self._embed_condition(class_labels, text_embeds, text_attention_mask,
+                                                       training=self.training or soft_training)
+            pieces.append(prefix)
         if input_ids is not None or input_probs is not None:
             pieces.append(self.embed_image_tokens(input_ids, input_probs))
         hidden_states = self.tok_dropout(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
 
-        # 2. Rotary rows of the positions covered by this call.
-        length = hidden_states.shape[1]
+        # 2. Rotary rows and (text models) the attention mask of the positions covered by this call.
+        batch, length = hidden_states.shape[:2]
         if past + length > self.max_sequence_length:
             raise ValueError(f"Sequence of {past + length} positions exceeds the model's {self.max_sequence_length} "
-                             f"(class token + {c.grid_size}x{c.grid_size} image tokens).")
+                             f"({c.prefix_length} prefix + {c.grid_size}x{c.grid_size} image tokens).")
         rope_table = self.rope_table(hidden_states.device)[past : past + length]
+        attention_mask, num_text = None, 0
+        if c.is_text_conditional:
+            num_text = max(0, min(length, c.text_length - past))
+            attention_mask = self._text_attention_mask(text_valid, cache, past, length, batch)
 
         # 3. Blocks (optionally truncated).
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers[: stop_at_layer or c.num_hidden_layers]:
-            hidden_states = layer(hidden_states, rope_table, cache=cache)
+            hidden_states = layer(hidden_states, rope_table, cache=cache, attention_mask=attention_mask,
+                                  num_text=num_text)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         if cache is not None:
             cache.advance(length)
 
-        # 4. Head.
+        # 4. Rows that predict image tokens (from the last prefix position on), then the head.
+        first = max(0, c.prefix_length - 1 - past)
+        if first:
+            hidden_states = hidden_states[:, first:]
+            all_hidden_states = all_hidden_states and tuple(h[:, first:] for h in all_hidden_states)
         logits = loss = None
         if stop_at_layer is None:
             logits = self.output(self.norm(hidden_states)).float()
@@ -410,14 +565,30 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                                          hidden_states=all_hidden_states, last_hidden_state=hidden_states)
         return output if return_dict else output.to_tuple()
 
-    def generate_images(self, class_labels: torch.LongTensor, **sampling_kwargs) -> torch.LongTensor:
-        """Sample `(B, grid_size, grid_size)` image-token grids; see `gear_hf.sampling.generate_image_tokens`."""
+    def _text_attention_mask(self, text_valid, cache, past: int, length: int, batch: int) -> torch.Tensor:
+        """The boolean mask of a text model's call; the cache remembers which text positions are padding."""
+        c = self.config
+        if cache is None:
+            image = torch.ones(batch, past + length - text_valid.shape[1], dtype=torch.bool, device=text_valid.device)
+            key_valid = torch.cat([text_valid, image], dim=1)
+        else:
+            if text_valid is not None:
+                cache.key_mask[:batch, : text_valid.shape[1]] = text_valid
+            key_valid = cache.key_mask[:batch, : past + length]
+            if length == 1 and past >= c.text_length:  # decode step: every valid key is earlier (no alloc)
+                return key_valid[:, None, None, :]
+        return text_attention_mask_for(key_valid, past, length, c.text_length, c.text_attention)
+
+    def generate_images(self, class_labels: torch.LongTensor | None = None, **sampling_kwargs) -> torch.LongTensor:
+        """Sample `(B, grid_size, grid_size)` image-token grids for class labels or text embeddings; see
+        `gear_hf.sampling.generate_image_tokens`."""
         return generate_image_tokens(self, class_labels, **sampling_kwargs)
 
     def generate(self, *args, **kwargs):
         raise NotImplementedError(
-            "GEARForCausalImageLM samples image tokens with model.generate_images(class_labels, guidance_scale=..., "
-            "...) (static KV cache, classifier-free guidance); the text-oriented generate() is not supported."
+            "GEARForCausalImageLM samples image tokens with model.generate_images(class_labels | text_embeds=..., "
+            "guidance_scale=..., ...) (static KV cache, classifier-free guidance); the text-oriented generate() is "
+            "not supported."
         )
 
 
@@ -428,9 +599,13 @@ __all__ = [
     "GEARAttention",
     "GEARDecoderLayer",
     "GEARClassEmbedding",
+    "GEARCaptionEmbedding",
+    "GEARCaptionProjection",
     "GEARCausalImageLMOutput",
     "GEARPreTrainedModel",
     "GEARForCausalImageLM",
     "build_2d_rope_table",
     "apply_2d_rope",
+    "by_stream",
+    "text_attention_mask_for",
 ]

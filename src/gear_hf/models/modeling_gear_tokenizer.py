@@ -36,11 +36,15 @@ class GEARTokenizerEncoderOutput(ModelOutput):
             straight-through gradient to the encoder.
         assignment_logits (`torch.FloatTensor` of shape `(batch, h*w, codebook_size)`, *optional*): token-to-code
             affinities A with `argmax(A, -1) == indices.flatten(1)`; returned with `return_assignment=True`.
+        latent (`torch.FloatTensor` of shape `(batch, codebook_embed_dim, h, w)`, *optional*): the
+            pre-quantization latent z the quantizer reads (encoder → quant_conv; for LFQ the encoder output, before
+            any normalisation or sign); returned with `return_latent=True`.
     """
 
     indices: torch.LongTensor | None = None
     quantized: torch.FloatTensor | None = None
     assignment_logits: torch.FloatTensor | None = None
+    latent: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -200,19 +204,26 @@ class GEARTokenizerModel(GEARHubMixin, GEARTokenizerPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------ public API
     def _quantize_pixels(self, pixel_values: torch.Tensor, return_assignment: bool):
+        """(pre-quantization latent, quantizer output)."""
         self._check_pixel_values(pixel_values)
         latent = self.quant_conv(self.encoder(pixel_values))
-        return self.quantize(latent, return_assignment=return_assignment)
+        return latent, self.quantize(latent, return_assignment=return_assignment)
 
-    def encode(self, pixel_values: torch.Tensor, return_assignment: bool = False) -> GEARTokenizerEncoderOutput:
+    def encode(
+        self, pixel_values: torch.Tensor, return_assignment: bool = False, return_latent: bool = False
+    ) -> GEARTokenizerEncoderOutput:
         """Tokenize images in [-1, 1] of shape (B, C, H, W).
 
-        Returns `indices` (B, h, w), `quantized` (B, D, h, w) and, with `return_assignment=True`,
-        `assignment_logits` (B, h*w, K). Warns (once per call) when the input is outside [-1, 1].
+        Returns `indices` (B, h, w), `quantized` (B, D, h, w), with `return_assignment=True` also
+        `assignment_logits` (B, h*w, K), and with `return_latent=True` the pre-quantization `latent` (B, D, h, w).
+        Warns (once per call) when the input is outside [-1, 1].
         """
-        out = self._quantize_pixels(pixel_values, return_assignment)
+        latent, out = self._quantize_pixels(pixel_values, return_assignment)
         return GEARTokenizerEncoderOutput(
-            indices=out.indices, quantized=out.quantized, assignment_logits=out.assignment_logits
+            indices=out.indices,
+            quantized=out.quantized,
+            assignment_logits=out.assignment_logits,
+            latent=latent if return_latent else None,
         )
 
     def decode_latent(self, quantized: torch.Tensor) -> torch.Tensor:
@@ -230,7 +241,7 @@ class GEARTokenizerModel(GEARHubMixin, GEARTokenizerPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, return_assignment: bool = False) -> GEARTokenizerOutput:
         """Encode, quantize and decode images in [-1, 1]; in training mode also return the quantizer losses."""
-        out = self._quantize_pixels(pixel_values, return_assignment)
+        _, out = self._quantize_pixels(pixel_values, return_assignment)
         reconstruction = self.decode_latent(out.quantized)
         quantizer_loss = None
         if out.entropy_loss is not None:

@@ -27,7 +27,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .chunked_softmax import EntropyTermsFunction, SoftEmbedFunction, at_least_fp32
+
 ENTROPY_EPS = 1e-5
+
+# From this many assignment logits (N * K) on, `soft_embed` and `entropy_loss` take the row-chunked path of
+# `chunked_softmax` (no (N, K) tensor kept for the backward, softmax recomputed there); below it the dense formulas.
+# 2^23 = two blocks of `chunked_softmax.BLOCK_ELEMENTS`; with a single block chunking only adds the recomputation
+# (up to 1.2x / 1.8x the CPU time of the dense soft read-out / entropy), from four blocks on it was also faster
+# (0.8x / 0.4x; `benchmarks/bench_soft_readout.py`, sweep). `chunked=True / False` overrides the choice per call.
+CHUNKED_MIN_ELEMENTS = 1 << 23
+
+
+def _use_chunked(assignment_logits: torch.Tensor, chunked: bool | None) -> bool:
+    return assignment_logits.numel() >= CHUNKED_MIN_ELEMENTS if chunked is None else chunked
 
 
 def hard_readout(assignment_logits: torch.Tensor) -> torch.Tensor:
@@ -42,12 +55,39 @@ def soft_readout(assignment_logits: torch.Tensor, temperature: float) -> torch.T
     return torch.softmax(assignment_logits.float() / temperature, dim=-1)
 
 
+def soft_embed(
+    assignment_logits: torch.Tensor,
+    embedding_weight: torch.Tensor,
+    temperature: float,
+    chunked: bool | None = None,
+) -> torch.Tensor:
+    """GEAR's soft embedding `u = softmax(A / tau) @ E` (paper eq. 8) for A (..., K) and E (K, D) -> (..., D).
+
+    Softmax and product run in fp32 (autocast off, bf16 inputs upcast, float64 kept); the result has E's dtype.
+    Gradients flow to A and E. From `CHUNKED_MIN_ELEMENTS` logits on (or with `chunked=True`) A is walked in blocks
+    of rows and each block's softmax is recomputed in the backward, so no (N, K) tensor is kept; value and
+    gradients equal the dense `soft_readout(A, tau) @ E` up to fp32 rounding. The chunked path has no double
+    backward.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; use hard_readout for tau = 0.")
+    if embedding_weight.dim() != 2 or assignment_logits.shape[-1] != embedding_weight.shape[0]:
+        raise ValueError(f"assignment_logits (..., K) and embedding_weight (K, D) must share K; got "
+                         f"{tuple(assignment_logits.shape)} and {tuple(embedding_weight.shape)}.")
+    if _use_chunked(assignment_logits, chunked):
+        return SoftEmbedFunction.apply(assignment_logits, embedding_weight, temperature)
+    with torch.autocast(device_type=assignment_logits.device.type, enabled=False):
+        probs = torch.softmax(at_least_fp32(assignment_logits) / temperature, dim=-1)
+        return (probs @ at_least_fp32(embedding_weight)).to(embedding_weight.dtype)
+
+
 def entropy_loss(
     assignment_logits: torch.Tensor,
     temperature: float = 0.01,
     sample_weight: float = 1.0,
     avg_weight: float = 1.0,
     sync_across_ranks: bool = False,
+    chunked: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entropy regulariser on assignment logits (..., K): confident tokens, evenly used codebook.
 
@@ -59,12 +99,22 @@ def entropy_loss(
     the average over all ranks while its gradient flows through the local p-bar only; after DDP averages the
     gradients this equals the gradient of one large batch. Only pass it where every rank calls this function.
 
-    Returns `(loss, sample_entropy, avg_entropy)`, all fp32 scalars.
+    From `CHUNKED_MIN_ELEMENTS` logits on (or with `chunked=True`) the per-token terms are computed in blocks of
+    rows and recomputed in the backward (`EntropyTermsFunction`): same value and gradient up to fp32 rounding,
+    without the (N, K) probabilities and log-probabilities the dense formula keeps.
+
+    Returns `(loss, sample_entropy, avg_entropy)`, all fp32 scalars (float64 for float64 logits).
     """
-    logits = assignment_logits.reshape(-1, assignment_logits.shape[-1]).float() / temperature
-    probs = torch.softmax(logits, dim=-1)
-    log_probs = torch.log_softmax(logits + ENTROPY_EPS, dim=-1)
-    avg_probs = probs.mean(dim=0)
+    if _use_chunked(assignment_logits, chunked):
+        row_sums, prob_sums = EntropyTermsFunction.apply(assignment_logits, temperature, ENTROPY_EPS)
+        sample_entropy = -row_sums.mean()
+        avg_probs = prob_sums / row_sums.shape[0]
+    else:
+        logits = at_least_fp32(assignment_logits.reshape(-1, assignment_logits.shape[-1])) / temperature
+        probs = torch.softmax(logits, dim=-1)
+        log_probs = torch.log_softmax(logits + ENTROPY_EPS, dim=-1)
+        sample_entropy = -torch.mean(torch.sum(probs * log_probs, dim=-1))
+        avg_probs = probs.mean(dim=0)
     if sync_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         with torch.no_grad():
             global_avg_probs = avg_probs.detach().clone()
@@ -72,7 +122,6 @@ def entropy_loss(
             global_avg_probs /= dist.get_world_size()
         avg_probs = avg_probs + (global_avg_probs - avg_probs).detach()
     avg_entropy = -torch.sum(avg_probs * torch.log(avg_probs + ENTROPY_EPS))
-    sample_entropy = -torch.mean(torch.sum(probs * log_probs, dim=-1))
     loss = sample_weight * sample_entropy - avg_weight * avg_entropy
     return loss, sample_entropy, avg_entropy
 
@@ -299,5 +348,6 @@ __all__ = [
     "build_quantizer",
     "entropy_loss",
     "hard_readout",
+    "soft_embed",
     "soft_readout",
 ]

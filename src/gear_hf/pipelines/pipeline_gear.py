@@ -1,19 +1,18 @@
-"""`GEARPipeline`: class-conditional image generation with a GEAR tokenizer and a LlamaGen AR generator.
+"""`GEARPipeline`: class- or text-conditional image generation with a GEAR tokenizer and a LlamaGen AR generator.
 
 The pipeline is a `diffusers.DiffusionPipeline`, so it saves to / loads from a `model_index.json` folder (or Hub
-repo) with `vq_model/` and `transformer/` subfolders, supports `enable_model_cpu_offload()`, and follows diffusers'
-calling conventions (`generator`, `num_images_per_prompt`, `output_type`, `return_dict`).
+repo) with `vq_model/`, `transformer/` (and, text-to-image, `text_encoder/` + `tokenizer/`) subfolders, supports
+`enable_model_cpu_offload()`, and follows diffusers' calling conventions (`prompt`, `prompt_embeds` /
+`prompt_attention_mask`, `negative_prompt`, `generator`, `num_images_per_prompt`, `output_type`, `return_dict`).
 """
 
 from __future__ import annotations
 
-import difflib
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -24,6 +23,15 @@ from diffusers.image_processor import VaeImageProcessor
 from ..models.modeling_gear_ar import GEARForCausalImageLM
 from ..models.modeling_gear_tokenizer import GEARTokenizerModel
 from ..sampling import SamplingConfig, resolve_sampling_config
+from ..text_encoder import check_caption_dim, encode_prompts
+from .class_labels import (
+    imagenet_id2label,
+    is_placeholder_id2label,
+    label_ids,
+    name_table,
+    normalize_id2label,
+    resolve_class_labels,
+)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -35,11 +43,14 @@ class GEARPipelineOutput(ImagePipelineOutput):
     Args:
         images: a list of `PIL.Image.Image`, a float array `(B, H, W, 3)` in [0, 1] (`"np"`), a float tensor
             `(B, 3, H, W)` in [0, 1] (`"pt"`) or the int64 token grids `(B, h, w)` (`"latent"`).
-        class_labels: the class id of every image, `(B,)` int64 (labels repeated `num_images_per_prompt` times).
+        class_labels: class-conditional: the class id of every image, `(B,)` int64 (labels repeated
+            `num_images_per_prompt` times).
+        prompts: text-conditional: the prompt of every image (None when `prompt_embeds` were given).
         sampling_config: every resolved sampling knob (preset, guidance, temperature, top-k/p), for the record.
     """
 
     class_labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
     sampling_config: SamplingConfig | None = None
 
 
@@ -49,14 +60,24 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
-def check_components_compatible(vq_model: Any, transformer: Any) -> None:
-    """Raise `ValueError` unless the AR generator predicts tokens the tokenizer can decode: same codebook size and
-    the same token grid (and pixel stride, so `transformer.config.image_size` is the size of the output)."""
+def check_components_compatible(vq_model: Any, transformer: Any, text_encoder: Any = None,
+                                tokenizer: Any = None) -> None:
+    """Raise `ValueError` unless the AR generator predicts tokens the tokenizer can decode (same codebook size, the
+    same token grid and pixel stride) and, for a text-conditional generator, a text encoder of its caption width
+    and a tokenizer are given (none for a class-conditional one)."""
     if not isinstance(vq_model, GEARTokenizerModel):
         raise TypeError(f"vq_model must be a GEARTokenizerModel, got {type(vq_model).__name__}.")
     if not isinstance(transformer, GEARForCausalImageLM):
         raise TypeError(f"transformer must be a GEARForCausalImageLM, got {type(transformer).__name__}.")
     tok, ar = vq_model.config, transformer.config
+    if ar.is_text_conditional:
+        if text_encoder is None or tokenizer is None:
+            raise ValueError("The transformer is text-conditional (condition_type='text'): GEARPipeline needs its "
+                             "text_encoder and tokenizer, e.g. from gear_hf.text_encoder.load_text_encoder(...).")
+        check_caption_dim(text_encoder, ar.caption_dim)
+    elif text_encoder is not None or tokenizer is not None:
+        raise ValueError("The transformer is class-conditional: it takes no text_encoder / tokenizer (pass None), "
+                         "or use a text-conditional transformer (GEARConfig(condition_type='text', ...)).")
     if tok.codebook_size != ar.vocab_size:
         raise ValueError(
             f"The tokenizer has codebook_size={tok.codebook_size} but the AR generator predicts vocab_size="
@@ -79,57 +100,18 @@ def check_components_compatible(vq_model: Any, transformer: Any) -> None:
         )
 
 
-def imagenet_id2label() -> dict[int, str]:
-    """The 1000 ImageNet-1k class names in the standard index order (sorted WordNet ids, as ImageFolder and the
-    ADM reference batch use), e.g. 207 -> "golden retriever". Read offline from timm's bundled class info."""
-    from timm.data import ImageNetInfo
-
-    info = ImageNetInfo()
-    return {i: info.index_to_description(i) for i in range(info.num_classes())}
-
-
-NAMED_LABEL_SETS = {"imagenet-1k": imagenet_id2label}
-
-
-def _normalize_id2label(id2label: Mapping | None, num_classes: int, source: str) -> dict[int, str] | None:
-    if id2label is None:
-        return None
-    if isinstance(id2label, str):
-        if id2label not in NAMED_LABEL_SETS:
-            raise ValueError(f"Unknown label set {id2label!r}; pass a dict {{class_id: name}} or one of "
-                             f"{sorted(NAMED_LABEL_SETS)}.")
-        id2label = NAMED_LABEL_SETS[id2label]()
-    if not isinstance(id2label, Mapping):
-        raise TypeError(f"{source} must be a dict {{class_id: name}}, got {type(id2label).__name__}.")
-    normalized = {}
-    for key, name in id2label.items():
-        try:
-            class_id = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"{source} keys must be class ids (ints), got {key!r}.") from None
-        if not 0 <= class_id < num_classes:
-            raise ValueError(f"{source} has class id {class_id}, outside [0, {num_classes - 1}] for this "
-                             f"generator ({num_classes} classes).")
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{source}[{class_id}] must be a non-empty string, got {name!r}.")
-        normalized[class_id] = name
-    return dict(sorted(normalized.items()))
-
-
-def _is_placeholder_id2label(id2label: Mapping | None) -> bool:
-    """transformers configs default to {0: "LABEL_0", 1: "LABEL_1"}: not real class names."""
-    return not id2label or all(str(name) == f"LABEL_{int(key)}" for key, name in id2label.items())
-
-
 class GEARPipeline(DiffusionPipeline):
-    r"""Class-conditional image generation with GEAR: an AR transformer samples a token grid, the tokenizer decodes
-    it to pixels.
+    r"""Image generation with GEAR: an AR transformer samples a token grid conditioned on class labels or on a
+    prompt, the tokenizer decodes it to pixels.
 
     Args:
         vq_model ([`GEARTokenizerModel`]): the image tokenizer (VQ / LFQ / IBQ) that decodes tokens to images.
-        transformer ([`GEARForCausalImageLM`]): the class-conditional LlamaGen generator of image tokens. Its
-            `vocab_size` must equal the tokenizer's `codebook_size` and its token grid the tokenizer's grid.
-        text_encoder, tokenizer: reserved for text-to-image; must be None for now.
+        transformer ([`GEARForCausalImageLM`]): the LlamaGen generator of image tokens, class- or text-conditional.
+            Its `vocab_size` must equal the tokenizer's `codebook_size` and its token grid the tokenizer's grid.
+        text_encoder (`transformers.PreTrainedModel`, *optional*): text-to-image only: the frozen text encoder whose
+            `last_hidden_state` conditions the transformer (GEAR: `Qwen3Model` of Qwen/Qwen3-1.7B); its hidden size
+            must equal `transformer.config.caption_dim`.
+        tokenizer (*optional*): text-to-image only: the text encoder's tokenizer.
         id2label (`dict[int, str]`, *optional*): class names, e.g. the ImageNet names (comma-separated synonyms
             allowed: "tench" and "Tinca tinca" both work for "tench, Tinca tinca"), or `"imagenet-1k"` for the
             standard ImageNet names. Defaults to `transformer.config.id2label` when that holds real names. Saved
@@ -140,6 +122,8 @@ class GEARPipeline(DiffusionPipeline):
     >>> images = pipe("golden retriever", preset="demo", generator=torch.Generator().manual_seed(0)).images
     >>> gens = [torch.Generator().manual_seed(i) for i in range(8)]  # one per image: batch-independent results
     >>> out = pipe([207, 360, 387, 974] * 2, preset="fid", generator=gens, output_type="np")
+    >>> t2i = GEARPipeline.from_pretrained("me/gear-t2i-1b")  # text-to-image: same call with prompts
+    >>> images = t2i("a red sports car on a beach", guidance_scale=4.0, num_images_per_prompt=2).images
     ```
     """
 
@@ -155,12 +139,7 @@ class GEARPipeline(DiffusionPipeline):
         id2label: dict | str | None = None,  # {class_id: name} (str keys in model_index.json)
     ):
         super().__init__()
-        check_components_compatible(vq_model, transformer)
-        if text_encoder is not None or tokenizer is not None:
-            raise NotImplementedError(
-                "GEARPipeline is class-conditional for now; text_encoder and tokenizer are reserved for "
-                "text-to-image and must be None."
-            )
+        check_components_compatible(vq_model, transformer, text_encoder, tokenizer)
         self.register_modules(vq_model=vq_model, transformer=transformer, text_encoder=text_encoder,
                               tokenizer=tokenizer)
         self.id2label = id2label
@@ -168,6 +147,10 @@ class GEARPipeline(DiffusionPipeline):
                                                  do_resize=False, do_normalize=True)
 
     # ------------------------------------------------------------------------------------------- labels
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.transformer.config.is_text_conditional
+
     @property
     def num_classes(self) -> int:
         return self.transformer.config.num_classes
@@ -184,85 +167,45 @@ class GEARPipeline(DiffusionPipeline):
         if own:
             return {int(k): v for k, v in sorted(own.items(), key=lambda kv: int(kv[0]))}
         from_config = getattr(self.transformer.config, "id2label", None)
-        if _is_placeholder_id2label(from_config):
+        if is_placeholder_id2label(from_config):
             return {}
-        return _normalize_id2label(from_config, self.num_classes, "transformer.config.id2label") or {}
+        return normalize_id2label(from_config, self.num_classes, "transformer.config.id2label") or {}
 
     @id2label.setter
     def id2label(self, id2label: Mapping | str | None) -> None:
-        id2label = _normalize_id2label(id2label, self.num_classes, "id2label")
+        id2label = normalize_id2label(id2label, self.num_classes, "id2label")
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} if id2label else None)
-
-    def _name_table(self) -> dict[str, list[int]]:
-        """Lower-cased name (the full string and each comma-separated synonym) -> class ids carrying it."""
-        table: dict[str, list[int]] = {}
-        for class_id, name in self.id2label.items():
-            for synonym in dict.fromkeys(n.strip().lower() for n in [name, *name.split(",")]):
-                table.setdefault(synonym, []).append(class_id)
-        return table
 
     @property
     def label2id(self) -> dict[str, int]:
         """Lower-cased name (the full string and each comma-separated synonym) -> class id (the first if shared)."""
-        return {name: ids[0] for name, ids in self._name_table().items()}
+        return {name: ids[0] for name, ids in name_table(self.id2label).items()}
 
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """Map class names (case-insensitive, any comma-separated synonym) to class ids."""
-        labels = [label] if isinstance(label, str) else list(label)
-        id2label = self.id2label
-        if not id2label:
-            raise ValueError(
-                "This pipeline has no class names: pass integer class ids, or set names with "
-                "GEARPipeline(..., id2label={0: 'tench', ...} or 'imagenet-1k') / pipe.id2label = {...}."
-            )
-        table = self._name_table()
-        ids = []
-        for name in labels:
-            key = name.strip().lower()
-            if key not in table:
-                close = difflib.get_close_matches(key, list(table), n=3)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(f"Unknown class name {name!r}.{hint} See pipe.id2label for the {len(id2label)} "
-                                 f"names, or pass integer class ids in [0, {self.num_classes - 1}].")
-            if len(table[key]) > 1:
-                matches = table[key]
-                raise ValueError(f"Class name {name!r} is ambiguous: classes {matches} "
-                                 f"({', '.join(repr(id2label[i]) for i in matches)}). Pass the class id instead.")
-            ids.append(table[key][0])
-        return ids
+        return label_ids(label, self.id2label, self.num_classes)
 
-    def _resolve_class_labels(self, class_labels: Any) -> list[int]:
-        if isinstance(class_labels, torch.Tensor):
-            if class_labels.is_floating_point() or class_labels.is_complex():
-                raise ValueError(f"class_labels as a tensor must hold integer class ids, got {class_labels.dtype}.")
-            class_labels = class_labels.cpu().numpy()
-        if isinstance(class_labels, np.ndarray):
-            if class_labels.ndim > 1 or not np.issubdtype(class_labels.dtype, np.integer):
-                raise ValueError(f"class_labels as an array must be 0-D or 1-D integers, got {class_labels.dtype} "
-                                 f"of shape {tuple(class_labels.shape)}.")
-            class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (str, numbers.Integral)):
-            class_labels = [class_labels]
-        elif not isinstance(class_labels, Sequence):
-            raise TypeError(f"class_labels must be an int, a class name, or a list of them; got "
-                            f"{type(class_labels).__name__}.")
-        if len(class_labels) == 0:
-            raise ValueError("class_labels is empty; pass at least one class id or name.")
-        ids = []
-        for label in class_labels:
-            if isinstance(label, str):
-                ids.extend(self.get_label_ids(label))
-            elif isinstance(label, numbers.Integral) and not isinstance(label, (bool, np.bool_)):
-                if not 0 <= int(label) < self.num_classes:
-                    raise ValueError(f"Class id {int(label)} is out of range: this generator has "
-                                     f"{self.num_classes} classes, pass ids in [0, {self.num_classes - 1}].")
-                ids.append(int(label))
-            else:
-                raise TypeError(f"Each class label must be an int id or a class name (str), got {label!r}.")
-        return ids
+    # ------------------------------------------------------------------------------------------- prompts
+    def encode_prompt(self, prompt: str | Sequence[str], device: torch.device | None = None,
+                      num_images_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode prompts with the frozen text encoder → `(prompt_embeds (B·n, L, C), prompt_attention_mask
+        (B·n, L))`, each prompt's rows adjacent; right-padded / truncated to the transformer's `text_length`."""
+        embeds, mask = encode_prompts(self.tokenizer, self.text_encoder, prompt,
+                                      max_length=self.transformer.config.text_length, device=device)
+        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
+
+    def _resolve_prompts(self, prompt: Any) -> list[str]:
+        if isinstance(prompt, str):
+            return [prompt]
+        if not isinstance(prompt, Sequence) or not all(isinstance(p, str) for p in prompt):
+            raise TypeError("This pipeline is text-to-image: prompt must be a string or a list of strings (class ids "
+                            "belong to a class-conditional pipeline).")
+        if len(prompt) == 0:
+            raise ValueError("prompt is an empty list; pass at least one prompt.")
+        return list(prompt)
 
     # ------------------------------------------------------------------------------------------- checks
-    def check_inputs(self, class_ids: list[int], num_images_per_prompt: int, generator: Any, output_type: str,
+    def check_inputs(self, num_conditions: int, num_images_per_prompt: int, generator: Any, output_type: str,
                      sampling: dict[str, Any]) -> SamplingConfig:
         """Validate everything before any compute; returns the resolved sampling settings."""
         if output_type not in OUTPUT_TYPES:
@@ -271,11 +214,11 @@ class GEARPipeline(DiffusionPipeline):
         if not isinstance(num_images_per_prompt, numbers.Integral) or isinstance(num_images_per_prompt, bool) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
-        total = len(class_ids) * int(num_images_per_prompt)
+        total = num_conditions * int(num_images_per_prompt)
         if isinstance(generator, (list, tuple)):
             if len(generator) != total:
                 raise ValueError(
-                    f"Got a list of {len(generator)} generators for {total} images ({len(class_ids)} labels x "
+                    f"Got a list of {len(generator)} generators for {total} images ({num_conditions} conditions x "
                     f"num_images_per_prompt={num_images_per_prompt}); pass exactly one generator per image, or a "
                     "single torch.Generator."
                 )
@@ -287,18 +230,51 @@ class GEARPipeline(DiffusionPipeline):
             raise TypeError(f"generator must be a torch.Generator, a list of them (one per image) or None; got "
                             f"{type(generator).__name__}.")
         settings = resolve_sampling_config(vocab_size=self.transformer.config.vocab_size, **sampling)
-        if settings.guidance_scale > 1.0 and not self.transformer.config.has_null_class:
+        if settings.guidance_scale > 1.0 and not self.is_text_to_image and not self.transformer.config.has_null_class:
             raise ValueError(
                 f"guidance_scale={settings.guidance_scale} needs the null class, but this generator was built "
                 "without one (class_dropout_prob == 0). Use guidance_scale=1.0 (e.g. preset='fid')."
             )
         return settings
 
+    def _text_condition(self, prompt, prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
+                        negative_prompt_attention_mask, num_images_per_prompt, guided, device) -> dict[str, Any]:
+        """`generate_images` keyword arguments of a text-to-image call (prompts encoded here unless given)."""
+        prompts = None
+        if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("Pass either prompt or prompt_embeds, not both.")
+            embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, 0)
+            mask = (None if prompt_attention_mask is None else
+                    prompt_attention_mask.to(device).repeat_interleave(num_images_per_prompt, 0))
+        else:
+            if prompt is None:
+                raise ValueError("This pipeline is text-to-image: pass prompt=... (or prompt_embeds).")
+            prompts = self._resolve_prompts(prompt)
+            embeds, mask = self.encode_prompt(prompts, device, num_images_per_prompt)
+            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        kwargs = {"text_embeds": embeds, "text_attention_mask": mask}
+        if guided:  # the unconditional half: the encoding of "" (official), or the caller's negative prompt
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds, negative_prompt_attention_mask = self.encode_prompt(
+                    negative_prompt if negative_prompt is not None else "", device)
+            kwargs.update(null_text_embeds=negative_prompt_embeds.to(device),
+                          null_text_attention_mask=(None if negative_prompt_attention_mask is None
+                                                    else negative_prompt_attention_mask.to(device)))
+        return {"prompts": prompts, "generate": kwargs, "count": embeds.shape[0] // num_images_per_prompt}
+
     # ------------------------------------------------------------------------------------------- call
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        prompt: int | str | Sequence[int | str] | torch.Tensor | None = None,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt: str | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         guidance_interval: int | None = None,
         temperature: float | None = None,
@@ -311,41 +287,64 @@ class GEARPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> GEARPipelineOutput | tuple:
-        r"""Generate images of the given classes.
+        r"""Generate images of the given classes, or for the given prompts.
 
         Args:
-            class_labels: class ids (`int`, list, 1-D tensor) and/or class names from `pipe.id2label`.
+            prompt: text-to-image: a prompt or a list of prompts. Class-conditional pipelines take their classes
+                here too (positionally), as with `class_labels`.
+            class_labels: class-conditional: class ids (`int`, list, 1-D tensor) and/or class names from
+                `pipe.id2label`.
+            prompt_embeds, prompt_attention_mask: text-to-image: precomputed `(B, L, C)` encoder features and their
+                `(B, L)` mask, instead of `prompt` (e.g. from `pipe.encode_prompt`).
+            negative_prompt, negative_prompt_embeds, negative_prompt_attention_mask: the unconditional half of
+                classifier-free guidance; default: the encoding of `""`, as in the official code.
             guidance_scale: classifier-free guidance scale (1 = off). None takes the preset's value.
             guidance_interval: guide only image tokens `0 .. n + 1` (official `cfg_interval`); None = all.
             temperature, top_k, top_p, do_sample: sampling knobs (top_k 0 / top_p 1 disable the filters;
                 `do_sample=False` is greedy). None takes the preset's value.
             preset: `"fid"` (GEAR's evaluation protocol: guidance 1, top-k 0, top-p 1, temperature 1 — also what
                 None gives) or `"demo"` (LlamaGen's demo: guidance 4, top-k 2000); explicit arguments override it.
-            num_images_per_prompt: images per label (a label's images are adjacent in the output).
-            generator: one `torch.Generator` for the batch, or one per image (`len(class_labels) *
-                num_images_per_prompt`): image i then depends only on its label and `generator[i]`, not on the
+            num_images_per_prompt: images per label / prompt (its images are adjacent in the output).
+            generator: one `torch.Generator` for the batch, or one per image (`len(conditions) *
+                num_images_per_prompt`): image i then depends only on its condition and `generator[i]`, not on the
                 batch it is generated in.
             output_type: `"pil"` (uint8 rounding of the official sampler), `"np"` / `"pt"` (float in [0, 1],
                 `VaeImageProcessor` layout), or `"latent"` (the int64 token grids, not decoded).
             return_dict: return a [`GEARPipelineOutput`] (else a tuple `(images,)`).
         """
         # 1. Check inputs.
-        class_ids = self._resolve_class_labels(class_labels)
-        settings = self.check_inputs(
-            class_ids, num_images_per_prompt, generator, output_type,
-            dict(preset=preset, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
-                 temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample),
-        )
+        sampling = dict(preset=preset, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                        temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
         device = self._execution_device
-
-        # 2. Prepare labels: each label repeated num_images_per_prompt times, adjacent.
-        labels = torch.tensor(class_ids, dtype=torch.long, device=device).repeat_interleave(num_images_per_prompt)
+        n = num_images_per_prompt
+        if self.is_text_to_image:
+            if class_labels is not None:
+                raise ValueError("This pipeline is text-to-image: pass prompt=... (class_labels are for a "
+                                 "class-conditional pipeline).")
+            settings = resolve_sampling_config(vocab_size=self.transformer.config.vocab_size, **sampling)
+            # 2. Encode the prompts (and the unconditional prompt under guidance).
+            text = self._text_condition(prompt, prompt_embeds, prompt_attention_mask, negative_prompt,
+                                        negative_prompt_embeds, negative_prompt_attention_mask, n,
+                                        settings.guidance_scale > 1.0, device)
+            settings = self.check_inputs(text["count"], n, generator, output_type, sampling)
+            condition, labels, prompts = text["generate"], None, text["prompts"]
+        else:
+            if prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None:
+                raise ValueError("This pipeline is class-conditional (no text encoder): prompt_embeds and "
+                                 "negative prompts apply to text-to-image pipelines only.")
+            if prompt is not None and class_labels is not None:
+                raise ValueError("Pass the classes once: positionally or as class_labels=..., not both.")
+            class_ids = resolve_class_labels(class_labels if class_labels is not None else prompt, self.id2label, self.num_classes)
+            settings = self.check_inputs(len(class_ids), n, generator, output_type, sampling)
+            # 2. Prepare labels: each label repeated num_images_per_prompt times, adjacent.
+            labels = torch.tensor(class_ids, dtype=torch.long, device=device).repeat_interleave(n)
+            condition, prompts = {"class_labels": labels}, None
 
         # 3. Sample the token grids, with a progress bar over the decoded raster positions.
         num_tokens = self.transformer.config.num_image_tokens
         with self.progress_bar(total=num_tokens) as progress_bar:
             tokens = self.transformer.generate_images(
-                labels, preset=settings, generator=generator, callback=lambda _: progress_bar.update()
+                **condition, preset=settings, generator=generator, callback=lambda _: progress_bar.update()
             )
         settings = getattr(tokens, "sampling_config", settings)
 
@@ -368,7 +367,8 @@ class GEARPipeline(DiffusionPipeline):
         # 7. Output.
         if not return_dict:
             return (images,)
-        return GEARPipelineOutput(images=images, class_labels=labels.cpu(), sampling_config=settings)
+        return GEARPipelineOutput(images=images, class_labels=None if labels is None else labels.cpu(),
+                                  prompts=prompts, sampling_config=settings)
 
     # ------------------------------------------------------------------------------------------- hub
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,

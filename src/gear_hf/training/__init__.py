@@ -15,13 +15,20 @@ from .alignment import (
 )
 from .codebook_stats import CodebookUsage, assignment_statistics, usage_statistics
 from .data import (
+    CAPTION_SOURCES,
+    FASHION_MNIST_CAPTION_TEMPLATES,
     FASHION_MNIST_CLASSES,
+    FASHION_MNIST_NOUNS,
     ImageDataset,
+    LabelCaptionDataset,
+    StreamingCaptionDataset,
     StreamingImageDataset,
     TrainTransform,
     build_train_dataset,
     collate,
+    fashion_mnist_caption,
     fashion_mnist_dataset,
+    load_caption_shards,
     load_image_dataset,
 )
 from .ema import EMA
@@ -34,19 +41,24 @@ from .losses import (
 )
 
 __all__ = [
+    "CAPTION_SOURCES",
     "CodebookUsage",
     "DINOv2Teacher",
     "DINOv3Teacher",
     "EMA",
     "EfficientNetLiteTeacher",
+    "FASHION_MNIST_CAPTION_TEMPLATES",
     "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_NOUNS",
     "ImageDataset",
     "LPIPS",
+    "LabelCaptionDataset",
     "PatchGANDiscriminator",
     "Projector",
     "ProjectorBank",
     "REPATeacher",
     "SigLIP2Teacher",
+    "StreamingCaptionDataset",
     "StreamingImageDataset",
     "TokenizerLoss",
     "TrainTransform",
@@ -54,9 +66,11 @@ __all__ = [
     "assignment_statistics",
     "build_train_dataset",
     "collate",
+    "fashion_mnist_caption",
     "fashion_mnist_dataset",
     "hinge_discriminator_loss",
     "hinge_generator_loss",
+    "load_caption_shards",
     "load_image_dataset",
     "load_teacher",
     "repa_loss",

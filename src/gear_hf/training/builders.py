@@ -20,10 +20,11 @@ from ..models.configuration_gear_ar import GEARConfig
 from ..models.configuration_gear_tokenizer import GEARTokenizerConfig
 from ..models.modeling_gear_ar import GEARForCausalImageLM
 from ..models.modeling_gear_tokenizer import GEARTokenizerModel
+from ..text_encoder import TextConditioner, load_text_encoder
 from . import checkpointing as ckpt
 from .alignment import DINOv2Teacher, ProjectorBank, load_teacher
 from .config import TrainingConfig
-from .data import build_train_dataset, collate
+from .data import CAPTION_SOURCES, build_train_dataset, collate
 from .losses import LPIPS, PatchGANDiscriminator, TokenizerLoss
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def build_data(cfg: TrainingConfig, per_device_batch_size: int, rank: int, world
     try:
         dataset = build_train_dataset(
             d.source, d.path, d.image_size, split=d.split, random_flip=d.random_flip, seed=cfg.train.seed,
-            max_samples=d.max_samples, rank=rank, world_size=world_size,
+            max_samples=d.max_samples, rank=rank, world_size=world_size, shuffle_buffer_size=d.shuffle_buffer_size,
         )
     except FileNotFoundError as error:
         raise TrainingSetupError(f"No images found for data.source={d.source!r} at {d.path!r}: {error}") from error
@@ -83,6 +84,7 @@ class TrainingModels:
     tokenizer_loss: nn.Module | None
     grid_size: int
     signature: dict[str, Any]  # what a checkpoint must match to be resumed by this run
+    text_conditioner: TextConditioner | None = None  # text-to-image: the frozen text encoder
 
 
 def _load_safetensors_into(module: nn.Module, path: Path, what: str) -> None:
@@ -129,25 +131,51 @@ def build_tokenizer(cfg: TrainingConfig) -> tuple[GEARTokenizerModel, GEARTokeni
     return GEARTokenizerModel(config), None
 
 
-def ar_config_for(cfg: TrainingConfig, tokenizer: GEARTokenizerModel, class_names: list[str] | None) -> GEARConfig:
-    """The AR config: preset/config overrides, with vocabulary, image size and stride derived from the tokenizer."""
+def is_text_to_image(cfg: TrainingConfig) -> bool:
+    """Captioned data trains a text-conditional AR; class-labelled data a class-conditional one."""
+    return cfg.data.source in CAPTION_SOURCES
+
+
+def build_text_conditioner(cfg: TrainingConfig) -> TextConditioner:
+    t = cfg.text_encoder
+    if not t.name_or_path:
+        raise TrainingSetupError("text_encoder.name_or_path is not set: give the text encoder's Hub id or local "
+                                 "directory (e.g. Qwen/Qwen3-1.7B).")
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[t.dtype]
+    try:
+        tokenizer, encoder = load_text_encoder(t.name_or_path, dtype=dtype)
+    except OSError as error:
+        raise TrainingSetupError(f"text_encoder.name_or_path: {error}") from error
+    text_length = cfg.ar.config.get("text_length", GEARConfig.text_length)
+    if cfg.ar.pretrained:
+        text_length = GEARConfig.from_pretrained(cfg.ar.pretrained).text_length
+    return TextConditioner(tokenizer, encoder, max_length=text_length, caption_dropout=t.caption_dropout)
+
+
+def ar_config_for(cfg: TrainingConfig, tokenizer: GEARTokenizerModel, class_names: list[str] | None,
+                  text_conditioner: TextConditioner | None = None) -> GEARConfig:
+    """The AR config: preset/config overrides, with vocabulary, image size and stride derived from the tokenizer
+    and the condition from the data (classes, or the text encoder's width)."""
     a, tc = cfg.ar, tokenizer.config
     derived = {"vocab_size": tc.codebook_size, "image_size": cfg.data.image_size,
-               "downsample_factor": tc.downsample_factor}
-    if class_names:
+               "downsample_factor": tc.downsample_factor,
+               "condition_type": "text" if text_conditioner is not None else "class"}
+    if text_conditioner is not None:
+        derived["caption_dim"] = text_conditioner.hidden_size
+    elif class_names:
         derived["num_classes"] = len(class_names)
     if a.pretrained:
         config = GEARConfig.from_pretrained(a.pretrained)
     else:
         overrides = {**derived, **a.config}
         config = GEARConfig.from_preset(a.preset, **overrides) if a.preset else GEARConfig(**overrides)
-    for key in ("vocab_size", "image_size", "downsample_factor"):
-        if getattr(config, key) != derived[key]:
+    for key in ("vocab_size", "image_size", "downsample_factor", "condition_type", "caption_dim"):
+        if key in derived and getattr(config, key) != derived[key]:
             raise TrainingSetupError(
-                f"ar.{key}={getattr(config, key)} does not match the tokenizer / data "
+                f"ar.{key}={getattr(config, key)} does not match the tokenizer / data / text encoder "
                 f"({key}={derived[key]}). Leave it unset so it is derived, or fix the other side."
             )
-    if class_names and config.num_classes < len(class_names):
+    if text_conditioner is None and class_names and config.num_classes < len(class_names):
         raise TrainingSetupError(f"The dataset has {len(class_names)} classes but the AR only "
                                  f"num_classes={config.num_classes}.")
     return config
@@ -158,9 +186,12 @@ def build_ar(cfg: TrainingConfig, ar_config: GEARConfig) -> GEARForCausalImageLM
         path = _require_dir(Path(cfg.train.init_from) / "ar", "AR (EMA)",
                             " Set train.init_ar_from_previous=false to train the AR from scratch.")
         ar = GEARForCausalImageLM.from_pretrained(path, dtype=torch.float32)
-        if ar.config.vocab_size != ar_config.vocab_size or ar.config.num_image_tokens != ar_config.num_image_tokens:
+        if (ar.config.vocab_size, ar.config.num_image_tokens, ar.config.condition_type) != (
+                ar_config.vocab_size, ar_config.num_image_tokens, ar_config.condition_type):
             raise TrainingSetupError(f"The AR at {path} does not fit the tokenizer/data (vocab "
-                                     f"{ar.config.vocab_size}, {ar.config.num_image_tokens} tokens).")
+                                     f"{ar.config.vocab_size}, {ar.config.num_image_tokens} tokens, "
+                                     f"{ar.config.condition_type}-conditional). Set train.init_ar_from_previous=false "
+                                     "to train a fresh AR.")
         return ar
     if cfg.ar.pretrained:
         return GEARForCausalImageLM.from_pretrained(cfg.ar.pretrained, dtype=torch.float32)
@@ -226,9 +257,10 @@ def build_models(cfg: TrainingConfig, class_names: list[str] | None, num_process
         )
     grid_size = cfg.data.image_size // factor
 
-    ar = ar_config = None
+    ar = ar_config = text_conditioner = None
     if stage in (1, 2):
-        ar_config = ar_config_for(cfg, tokenizer, class_names)
+        text_conditioner = build_text_conditioner(cfg) if is_text_to_image(cfg) else None
+        ar_config = ar_config_for(cfg, tokenizer, class_names, text_conditioner)
         n_layer = ar_config.num_hidden_layers
         if (stage == 1 or cfg.gear.use_repa) and not 1 <= cfg.gear.align_layer <= n_layer:
             raise TrainingSetupError(
@@ -258,7 +290,7 @@ def build_models(cfg: TrainingConfig, class_names: list[str] | None, num_process
     signature = ckpt.structural_signature(cfg, tokenizer.config, ar_config,
                                           {"teacher.hidden_size": getattr(teacher, "hidden_size", None)})
     return TrainingModels(tokenizer, tokenizer_ema_init, ar, projector, teacher, discriminator, tokenizer_loss,
-                          grid_size, signature)
+                          grid_size, signature, text_conditioner)
 
 
 # -------------------------------------------------------------------------------------------------- optimization
@@ -324,6 +356,8 @@ __all__ = [
     "build_ar",
     "build_teacher",
     "ar_config_for",
+    "build_text_conditioner",
+    "is_text_to_image",
     "adamw",
     "constant_with_warmup",
 ]

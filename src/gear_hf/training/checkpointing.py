@@ -187,8 +187,9 @@ def save_checkpoint(
 # Keys of the resolved model configurations that determine parameter shapes / which states exist.
 _TOKENIZER_KEYS = ("quantizer", "codebook_size", "codebook_embed_dim", "num_channels", "base_channels",
                    "channel_multipliers", "num_res_blocks", "z_channels", "attention_levels")
-_AR_KEYS = ("vocab_size", "num_classes", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "image_size", "downsample_factor", "cls_token_num")
+_AR_KEYS = ("condition_type", "vocab_size", "num_classes", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "image_size", "downsample_factor", "cls_token_num", "caption_dim", "text_length",
+            "text_attention", "num_double_stream_layers")
 
 
 def structural_signature(cfg, tokenizer_config=None, ar_config=None, extra: dict | None = None) -> dict[str, Any]:
@@ -258,7 +259,8 @@ def resume_training(accelerator, spec: str | None, output_dir: str | os.PathLike
 
 # ------------------------------------------------------------------------------------------------------ exports
 def export_models(output_dir: str | os.PathLike, *, stage: int, global_step: int, tokenizer, tokenizer_ema, ar,
-                  ar_ema, projector, discriminator, class_names=None, export_pipeline: bool = True) -> dict[str, str]:
+                  ar_ema, projector, discriminator, class_names=None, export_pipeline: bool = True,
+                  text_conditioner=None) -> dict[str, str]:
     """Write the `from_pretrained` directories (EMA weights), the live weights for the next stage and
     `export.json` (main process only; the caller gathers partitioned parameters first). Returns {name: path}."""
     out = Path(output_dir)
@@ -279,8 +281,11 @@ def export_models(output_dir: str | os.PathLike, *, stage: int, global_step: int
             save_file({k: v.contiguous() for k, v in unwrap(module).state_dict().items()},
                       str(raw / f"{name}.safetensors"))
     if ar_ema is not None and export_pipeline:
-        id2label = dict(enumerate(class_names)) if class_names else None
-        GEARPipeline(vq_model=tokenizer_final, transformer=ar_ema.model, id2label=id2label).save_pretrained(
+        text = {}
+        if text_conditioner is not None:
+            text = {"text_encoder": text_conditioner.text_encoder, "tokenizer": text_conditioner.tokenizer}
+        id2label = dict(enumerate(class_names)) if class_names and not text else None
+        GEARPipeline(vq_model=tokenizer_final, transformer=ar_ema.model, id2label=id2label, **text).save_pretrained(
             out / "pipeline")
         written["pipeline"] = str(out / "pipeline")
     _write_json(out / "export.json", {"global_step": global_step, "stage": stage, **written})

@@ -43,6 +43,15 @@ class TeacherSection:
 
 
 @dataclass
+class TextEncoderSection:
+    """Text-to-image (data.source with captions): the frozen text encoder whose features condition the AR."""
+
+    name_or_path: str = "Qwen/Qwen3-1.7B"  # Hub id or local directory (AutoTokenizer + AutoModel)
+    caption_dropout: float = 0.1  # per sample, the caption becomes "" (CFG)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+
+@dataclass
 class GEARSection:
     """Stage-1 knobs (paper §3.2). Defaults are the shipped `train_gear.sh` values."""
 
@@ -82,13 +91,18 @@ class OptimSection:
 
 @dataclass
 class DataSection:
-    source: Literal["fashion-mnist", "imagefolder", "hub", "webdataset"] = "imagefolder"
-    path: str | None = None  # folder, Hub dataset id or shard glob
+    # Class-labelled: fashion-mnist | imagefolder | hub | webdataset. Captioned (text-to-image): gpic (shards of
+    # {key}.json "caption" + {key}.jpg|png), blip3o ({key}.txt + {key}.jpg|png), fashion-mnist-captions.
+    source: Literal[
+        "fashion-mnist", "imagefolder", "hub", "webdataset", "gpic", "blip3o", "fashion-mnist-captions"
+    ] = "imagefolder"
+    path: str | None = None  # folder, Hub dataset id or shard glob (gpic/blip3o: directory, glob or .tar list)
     split: str = "train"
     image_size: int = 256
     num_workers: int = 4
     random_flip: bool = True
     max_samples: int | None = None
+    shuffle_buffer_size: int = 1000  # gpic/blip3o: streaming shuffle buffer per DataLoader worker (≤ 1: shard order)
 
 
 @dataclass
@@ -112,6 +126,7 @@ class TrainSection:
     zero_grad_alarm_steps: int = 100  # warn when a module's grad norm is exactly 0 for this many steps
     abort_on_nonfinite: bool = False  # raise (after saving nothing) when a logged loss/grad norm is NaN/Inf
     num_sample_images: int = 8  # images in the sample / reconstruction grids
+    sample_prompts: list[str] | None = None  # text-to-image previews; None: captions of the preview images
     sample_guidance_scale: float = 4.0  # official wandb samples: cfg 4.0, top-k 2000
     sample_top_k: int = 2000
     export_pipeline: bool = True  # stage 1/2: also write a GEARPipeline directory
@@ -128,6 +143,7 @@ class TrainingConfig:
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     ar: ARSection = field(default_factory=ARSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
     gear: GEARSection = field(default_factory=GEARSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -145,6 +161,8 @@ class TrainingConfig:
             raise ValueError("train.train_batch_size and train.gradient_accumulation_steps must be ≥ 1.")
         if self.train.max_train_steps < 1:
             raise ValueError(f"train.max_train_steps must be ≥ 1, got {self.train.max_train_steps}.")
+        if not 0.0 <= self.text_encoder.caption_dropout < 1.0:
+            raise ValueError(f"text_encoder.caption_dropout must be in [0, 1), got {self.text_encoder.caption_dropout}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -164,6 +164,7 @@ class TrainingComponents:
     tokenizer_ema: Any
     ar_ema: Any
     train_loader: Any
+    text_conditioner: Any  # text-to-image: the frozen text encoder (on the device, never prepared)
     step_modules: GEARModules  # what the step functions receive
     trainable: list[nn.Module]  # for `accelerator.accumulate`
 
@@ -244,7 +245,7 @@ class TrainingEngines:
         device = acc.device
         if stage == 2:
             objects["tokenizer"].to(device)  # frozen: plain module on the device
-        for module in (models.teacher, models.tokenizer_loss):
+        for module in (models.teacher, models.tokenizer_loss, models.text_conditioner):
             if module is not None:
                 module.to(device)
         for ema in (tokenizer_ema, ar_ema):
@@ -269,7 +270,7 @@ class TrainingEngines:
             tokenizer_update=update("tokenizer", o["tokenizer"], o["opt_tok"], o["sched_tok"]),
             ar_update=update("ar", o["ar"], o["opt_ar"], o["sched_ar"]),
             discriminator_update=update("discriminator", o["discriminator"], o["opt_disc"], o["sched_disc"]),
-            tokenizer_ema=tokenizer_ema, ar_ema=ar_ema,
+            tokenizer_ema=tokenizer_ema, ar_ema=ar_ema, text_conditioner=models.text_conditioner,
         )
         trainable = [m for m in (None if stage == 2 else o["tokenizer"], o["ar"], o["projector"], o["discriminator"])
                      if m is not None]
@@ -278,7 +279,7 @@ class TrainingEngines:
             discriminator=o["discriminator"], tokenizer_loss=models.tokenizer_loss, opt_tok=o["opt_tok"],
             opt_ar=o["opt_ar"], opt_disc=o["opt_disc"], sched_tok=o["sched_tok"], sched_ar=o["sched_ar"],
             sched_disc=o["sched_disc"], tokenizer_ema=tokenizer_ema, ar_ema=ar_ema, train_loader=loader,
-            step_modules=step_modules, trainable=trainable,
+            text_conditioner=models.text_conditioner, step_modules=step_modules, trainable=trainable,
         )
 
     def _prepare_per_module(self, objects: dict[str, Any], data: TrainingData):

@@ -13,6 +13,10 @@
 `tokenizer_step` (stage 0) and `ar_step` (stage 2) are the same pieces without the other half.
 Each update goes through a `ModuleUpdate`, so DDP (one accelerator) and DeepSpeed (one engine, hence one
 accelerator, per trainable module) share this code.
+
+The AR's condition is class labels (`batch["labels"]`) or captions (`batch["captions"]`, encoded by the frozen
+text encoder of `GEARModules.text_conditioner`); both branches see the same condition, and the hard branch drops
+it for CFG (class labels inside the model in train mode, captions here, as the official trainers do).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conditioning import GEARCondition
 from ..models.quantizers import soft_readout
 from .alignment import repa_loss, spatial_norm
 
@@ -70,6 +75,7 @@ class GEARModules:
     discriminator_update: ModuleUpdate | None = None
     tokenizer_ema: object | None = None
     ar_ema: object | None = None
+    text_conditioner: object | None = None  # text-to-image: `gear_hf.text_encoder.TextConditioner` (frozen)
 
 
 @contextlib.contextmanager
@@ -96,6 +102,21 @@ def unwrap(module: nn.Module) -> nn.Module:
 def to_signed_unit(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] → float [-1, 1], the tokenizer's input range (official `x / 127.5 - 1`)."""
     return images_uint8.float() / 127.5 - 1.0
+
+
+def batch_condition(m: GEARModules, batch: dict) -> GEARCondition:
+    """The AR's condition for a batch: its class labels, or the frozen encoding of its captions."""
+    if "captions" in batch:
+        if m.text_conditioner is None:
+            raise ValueError("The batch has captions but the step has no text encoder (text_conditioner).")
+        return m.text_conditioner.encode(batch["captions"])
+    return GEARCondition(class_labels=batch["labels"])
+
+
+def dropped_for_guidance(m: GEARModules, condition: GEARCondition) -> GEARCondition:
+    """The hard branch's condition: captions replaced by the null caption with probability `caption_dropout`
+    (class labels are dropped inside the AR in train mode, `class_dropout_prob`)."""
+    return m.text_conditioner.drop(condition) if condition.is_text else condition
 
 
 def teacher_targets(m: GEARModules, images_uint8: torch.Tensor, cfg=None) -> torch.Tensor:
@@ -129,11 +150,12 @@ def tokenizer_and_discriminator_updates(m, x, tok_out, extra_loss, logs, step=0)
         logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
 
 
-def ar_updates(m, tokens, labels, target, align_layer, align_weight, logs):
+def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs):
     """Lines 3-5 and 7: hard tokens → full AR forward → L_NTP + λ·L_align(hard) → AR (+ projector) update."""
     m.ar.train()
     use_repa = target is not None and align_weight > 0
-    out = m.ar(input_ids=tokens[:, :-1], class_labels=labels, output_hidden_states=use_repa)
+    condition = dropped_for_guidance(m, condition)
+    out = m.ar(input_ids=tokens[:, :-1], **condition.model_kwargs(), output_hidden_states=use_repa)
     ntp = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens.flatten())
     loss = ntp
     logs["ar/ntp_loss"] = ntp.detach()
@@ -141,6 +163,7 @@ def ar_updates(m, tokens, labels, target, align_layer, align_weight, logs):
         align_hard = align_loss(out.hidden_states[align_layer], target, m.projector)
         loss = loss + align_weight * align_hard
         logs["ar/align_loss"] = align_hard.detach()
+
     def params():  # each parameter once (FSDP2 / DeepSpeed: `m.ar` is the AR engine's root, it holds the projector)
         return list(dict.fromkeys([*m.ar.parameters(), *(m.projector.parameters() if use_repa else ())]))
 
@@ -159,12 +182,13 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
     """One stage-1 GEAR step (Algorithm 1). `cfg` is a `TrainingConfig`; `step` the optimizer steps done so far;
     `extras`, when a dict, receives the hard tokens and assignment logits (for codebook statistics).
     Returns detached scalars."""
-    images, labels = batch["pixel_values"], batch["labels"]
+    images = batch["pixel_values"]
     x = to_signed_unit(images)
     g = cfg.gear
     logs: dict[str, torch.Tensor] = {}
 
     target = teacher_targets(m, images, cfg)  # f(x): frozen teacher features, (B, L, D)
+    condition = batch_condition(m, batch)  # class labels, or the frozen encoding of the captions
 
     # 1-2: Z = E(x), A = assignment to the codebook, x̂ = D(c_argmax A), L_VQ pieces.
     m.tokenizer.train()
@@ -180,7 +204,7 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
         pi = soft_readout(tok_out.assignment_logits, g.temperature)
         if g.straight_through:  # ablation: forward exactly one-hot, backward through π
             pi = pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
-        h_soft = ar(input_probs=pi[:, :-1], class_labels=labels, stop_at_layer=g.align_layer).last_hidden_state
+        h_soft = ar(input_probs=pi[:, :-1], **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
         align_soft = align_loss(h_soft, target, projector)
     logs["tokenizer/align_loss"] = align_soft.detach()
 
@@ -188,7 +212,7 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
     tokenizer_and_discriminator_updates(m, x, tok_out, g.tokenizer_align_weight * align_soft, logs, step)
 
     # 3-5, 7 (hard): θ_AR ← θ_AR − η∇(L_NTP + λ L_align^h).
-    ar_updates(m, tokens, labels, target, g.align_layer, g.ar_align_weight, logs)
+    ar_updates(m, tokens, condition, target, g.align_layer, g.ar_align_weight, logs)
 
     update_emas(m)
     return logs
@@ -210,7 +234,7 @@ def tokenizer_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict
 def ar_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | None = None
             ) -> dict[str, torch.Tensor]:
     """Stage 2: a fresh AR on the frozen tokenizer (encoded in fp32, no autocast), NTP (+ REPA)."""
-    images, labels = batch["pixel_values"], batch["labels"]
+    images = batch["pixel_values"]
     logs: dict[str, torch.Tensor] = {}
     use_repa = cfg.gear.use_repa and m.teacher is not None
     target = teacher_targets(m, images, cfg) if use_repa else None
@@ -218,7 +242,7 @@ def ar_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | None
         tokens = unwrap(m.tokenizer).encode(to_signed_unit(images)).indices.flatten(1)
     if extras is not None:
         extras["indices"] = tokens
-    ar_updates(m, tokens, labels, target, cfg.gear.align_layer, cfg.gear.ar_align_weight, logs)
+    ar_updates(m, tokens, batch_condition(m, batch), target, cfg.gear.align_layer, cfg.gear.ar_align_weight, logs)
     update_emas(m)
     return logs
 

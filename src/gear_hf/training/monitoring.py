@@ -128,10 +128,11 @@ class TrainingMonitor:
 
 
 @torch.no_grad()
-def save_previews(accelerator, cfg, step: int, tokenizer, ar, fixed_images: torch.Tensor | None) -> None:
-    """Reconstruction grid (`tokenizer`, the EMA) and class-conditional samples (`ar`, the EMA) as PNGs under
-    `<output_dir>/samples/`, and to TensorBoard. Main process only; uses its own generator, so the training RNG
-    streams are untouched."""
+def save_previews(accelerator, cfg, step: int, tokenizer, ar, fixed_images: torch.Tensor | None,
+                  text_conditioner=None, prompts: list[str] | None = None) -> None:
+    """Reconstruction grid (`tokenizer`, the EMA) and samples (`ar`, the EMA: one per class, or one per prompt of a
+    text-to-image AR) as PNGs under `<output_dir>/samples/`, and to TensorBoard. Main process only; uses its own
+    generator, so the training RNG streams are untouched."""
     if not accelerator.is_main_process:
         return
     from torchvision.utils import make_grid, save_image
@@ -148,13 +149,19 @@ def save_previews(accelerator, cfg, step: int, tokenizer, ar, fixed_images: torc
         pair = torch.cat([images.float() / 255.0, (recon.clamp(-1, 1) + 1) / 2], dim=0)
         grids["reconstructions"] = make_grid(pair.cpu(), nrow=len(images))
     if ar is not None:
-        labels = torch.arange(n, device=device) % ar.config.num_classes
         generator = torch.Generator(device=device).manual_seed(cfg.train.seed)
-        guidance = cfg.train.sample_guidance_scale if ar.config.has_null_class else 1.0
-        tokens = ar.generate_images(labels, guidance_scale=guidance, top_k=min(cfg.train.sample_top_k,
-                                    ar.config.vocab_size), generator=generator)
+        sampling = dict(top_k=min(cfg.train.sample_top_k, ar.config.vocab_size), generator=generator)
+        if text_conditioner is not None:
+            condition, null = text_conditioner.encode(list(prompts)[:n]), text_conditioner.null_condition()
+            tokens = ar.generate_images(**condition.model_kwargs(), null_text_embeds=null.text_embeds,
+                                        null_text_attention_mask=null.text_attention_mask,
+                                        guidance_scale=cfg.train.sample_guidance_scale, **sampling)
+        else:
+            labels = torch.arange(n, device=device) % ar.config.num_classes
+            guidance = cfg.train.sample_guidance_scale if ar.config.has_null_class else 1.0
+            tokens = ar.generate_images(labels, guidance_scale=guidance, **sampling)
         samples = tokenizer.decode(tokens)
-        grids["samples"] = make_grid(((samples.clamp(-1, 1) + 1) / 2).cpu(), nrow=min(n, 8))
+        grids["samples"] = make_grid(((samples.clamp(-1, 1) + 1) / 2).cpu(), nrow=min(len(samples), 8))
     for name, grid in grids.items():
         save_image(grid, out_dir / f"step_{step:08d}_{name}.png")
     if accelerator.log_with:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import checkpointing as ckpt
 from .builders import TrainingSetupError, build_data, build_models, build_optimization
 from .config import TrainingConfig, flat_config
+from .data import collate
 from .engines import TrainingEngines, build_accelerator
 from .gear_step import ar_step, gear_step, tokenizer_step, unwrap
 from .monitoring import TrainingMonitor, save_previews
@@ -42,6 +43,9 @@ from .monitoring import TrainingMonitor, save_previews
 logger = logging.getLogger(__name__)
 
 STEP_FUNCTIONS = {0: tokenizer_step, 1: gear_step, 2: ar_step}
+# Text-to-image previews on streaming data (no fixed captions), unless train.sample_prompts is set.
+DEFAULT_SAMPLE_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit on a table",
+                          "a mountain lake at sunset")
 
 
 class StopRequest:
@@ -154,25 +158,30 @@ class GEARTrainer:
                     self.output_dir, stage=self.stage, global_step=self.global_step, tokenizer=c.tokenizer,
                     tokenizer_ema=c.tokenizer_ema, ar=c.ar, ar_ema=c.ar_ema, projector=c.projector,
                     discriminator=c.discriminator, class_names=self.data.class_names,
-                    export_pipeline=self.cfg.train.export_pipeline)
+                    export_pipeline=self.cfg.train.export_pipeline, text_conditioner=c.text_conditioner)
                 acc.print(f"Exported {', '.join(written)} to {self.output_dir}.")
         return written
 
     def save_samples(self) -> None:
-        c = self.components
+        c, n = self.components, self.cfg.train.num_sample_images
         tokenizer = c.tokenizer_ema.model if c.tokenizer_ema is not None else c.tokenizer
+        fixed = self._fixed_samples(n)
+        prompts = None
+        if c.text_conditioner is not None:
+            prompts = self.cfg.train.sample_prompts or (fixed or {}).get("captions") or list(DEFAULT_SAMPLE_PROMPTS)
         save_previews(self.accelerator, self.cfg, self.global_step, tokenizer,
                       c.ar_ema.model if c.ar_ema is not None else None,
-                      self._fixed_images(self.cfg.train.num_sample_images))
+                      None if fixed is None else fixed["pixel_values"], c.text_conditioner, prompts)
 
-    def _fixed_images(self, n: int) -> torch.Tensor | None:
+    def _fixed_samples(self, n: int) -> dict | None:
+        """The first `n` samples of epoch 0 (map-style data only): the preview images (and their captions)."""
         dataset = self.data.dataset
         if self.data.streaming:
             return None
         dataset.set_epoch(0)
-        images = torch.stack([dataset[i]["pixel_values"] for i in range(min(max(1, n), len(dataset)))])
+        samples = [dataset[i] for i in range(min(max(1, n), len(dataset)))]
         dataset.set_epoch(self.epoch)
-        return images
+        return collate(samples)
 
     # ------------------------------------------------------------------------------------------------ loop
     def _epoch_batches(self):
@@ -238,7 +247,8 @@ class GEARTrainer:
                 batch = next(batches)
                 self.monitor.data_wait += time.perf_counter() - t0
                 if self.data.streaming:
-                    batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                    batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
                 want_stats = self._is_due(cfg.train.stats_every, self.global_step + 1)
                 extras = {"with_assignment": want_stats and self.stage != 2}
                 with acc.accumulate(*c.trainable), self.engines.autocast():
