@@ -28,8 +28,16 @@ is fused into `tokenizer_update`. Overhead ratios: soft branch / full step and /
 excluded; each figure is the median over the timed steps (mean and min also given). `cpu_utilisation` is process
 CPU time / wall time of the step (≈ torch threads when the cores are not shared; lower means contention).
 
+`precision_compile` (with `--precision-compile`): the whole step under the four set-ups the trainer offers, fresh
+modules each (same seed): eager / `torch.compile` (`engines.compile_modules`: tokenizer, AR, discriminator in
+place) × fp32 / bf16 autocast (`train.mixed_precision=bf16`). Per set-up: the first step (compilation included),
+the median of the timed steps, graph breaks and compiled graphs (dynamo counters); ratios within the run. On a
+CPU without native bf16 (no AVX512-BF16 / AMX, see `machine.cpu_bf16_flags`) bf16 matmuls are emulated, so bf16
+is slower there; the ratios that matter for the paper's set-up come from a GPU run of the same script.
+
     python benchmarks/bench_train_step.py [--configs tiny B] [--steps-tiny 10] [--steps-b 2] [--warmup 1]
                                           [--b-image-size 256] [--b-batch-size 1] [--threads N] [--output f.json]
+                                          [--precision-compile] [--skip-parts]
 """
 
 from __future__ import annotations
@@ -331,6 +339,62 @@ def bench(name: str, steps: int, warmup: int, image_size: int | None, batch_size
     }
 
 
+SETUPS = (("eager", "fp32"), ("eager", "bf16"), ("compiled", "fp32"), ("compiled", "bf16"))
+
+
+def bench_precision_compile(name: str, steps: int, warmup: int, image_size: int | None,
+                            batch_size: int | None) -> dict:
+    """Whole-step seconds of `gear_step` for eager / compiled × fp32 / bf16 (see the module docstring)."""
+    import torch._dynamo
+
+    from gear_hf.training.engines import compile_modules
+    from gear_hf.training.gear_step import gear_step
+
+    out, info = {}, None
+    for mode, precision in SETUPS:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        m, cfg, batch, info = build(name, image_size, batch_size)
+        if mode == "compiled":
+            compile_modules(m.tokenizer, m.ar, m.discriminator)
+        times = []
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logs = gear_step(m, batch, cfg, step=i)
+            torch.stack([v.detach().float().reshape(()) for v in logs.values() if v is not None]).tolist()
+            times.append(time.perf_counter() - start)
+        counters = torch._dynamo.utils.counters
+        out[f"{mode}_{precision}"] = {
+            "first_step_seconds": times[0], "warmup_step_seconds": times[:warmup],
+            "step_seconds": summarize(times[warmup:]),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "compiled_graphs": counters["stats"].get("unique_graphs", 0),
+        }
+    torch._dynamo.reset()
+    med = {k: v["step_seconds"]["median"] for k, v in out.items()}
+    return {
+        "image_size": info["image_size"], "batch_size": info["batch_size"], "timed_steps": steps,
+        "warmup_steps": warmup, "setups": out,
+        "ratios": {
+            "bf16_over_fp32_eager": med["eager_bf16"] / med["eager_fp32"],
+            "bf16_over_fp32_compiled": med["compiled_bf16"] / med["compiled_fp32"],
+            "compiled_over_eager_fp32": med["compiled_fp32"] / med["eager_fp32"],
+            "compiled_over_eager_bf16": med["compiled_bf16"] / med["eager_bf16"],
+            "compiled_bf16_over_eager_fp32": med["compiled_bf16"] / med["eager_fp32"],
+        },
+        "images_per_second": {k: info["batch_size"] / v for k, v in med.items()},
+    }
+
+
+def cpu_bf16_flags() -> list[str]:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return []
+    return sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["tiny", "B"], choices=["tiny", "B"])
@@ -343,18 +407,31 @@ def main(argv=None) -> int:
                         help="if the B warm-up step at --b-image-size takes longer, rerun B at 128 px (0: never)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--output", type=str, default=None, help="also write the JSON here")
+    parser.add_argument("--precision-compile", action="store_true",
+                        help="also time eager / compiled × fp32 / bf16 whole steps (precision_compile)")
+    parser.add_argument("--skip-parts", action="store_true", help="skip the per-part fp32 breakdown")
+    parser.add_argument("--pc-image-size-b", type=int, default=None,
+                        help="image size of B in precision_compile (default: --b-image-size)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     result = {
-        "benchmark": "gear_step (stage 1), fp32, random weights",
+        "benchmark": "gear_step (stage 1), random weights: parts in fp32; precision_compile: eager/compiled x fp32/bf16",
         "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average_at_start": os.getloadavg()},
+                    "cpu_bf16_flags": cpu_bf16_flags(), "load_average_at_start": os.getloadavg()},
         "results": {},
     }
-    for name in args.configs:
+    if args.precision_compile:
+        result["precision_compile"] = {}
+        for name in args.configs:
+            tiny = name == "tiny"
+            size = None if tiny else (args.pc_image_size_b or args.b_image_size)
+            out = bench_precision_compile(name, args.steps_tiny if tiny else args.steps_b, args.warmup, size,
+                                          None if tiny else args.b_batch_size)
+            result["precision_compile"]["tiny" if tiny else f"B@{out['image_size']}px"] = out
+    for name in ([] if args.skip_parts else args.configs):
         if name == "tiny":
             result["results"]["tiny"] = bench("tiny", args.steps_tiny, args.warmup, None, None)
             continue

@@ -493,7 +493,9 @@ def ddp_bf16_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp_bf16_run(tmp_path_factory):
-    return _run_two_processes(tmp_path_factory.mktemp("fsdp_bf16"), *COMPARABLE, *BF16, *FSDP)
+    """The same with FSDP2; it also checkpoints at step 2 (for the resume test)."""
+    return _run_two_processes(tmp_path_factory.mktemp("fsdp_bf16"), *COMPARABLE, *BF16, *FSDP,
+                              "train.checkpointing_steps=2")
 
 
 def _live_and_ema(run):
@@ -545,12 +547,14 @@ def test_two_process_fsdp2_bf16_matches_ddp(fsdp_bf16_run, ddp_bf16_run):
 
 @pytest.mark.slow
 def test_two_process_fsdp2_resumes_exactly(tmp_path, fsdp_bf16_run):
-    """FSDP2: 2 steps, `save_state` (sharded), resume, 1 more step == 3 straight steps, bit for bit: every live
-    weight, buffer (BatchNorm statistics: rank 0's on every rank, see `broadcast_buffers_like_ddp`) and EMA."""
-    _run_two_processes(tmp_path, *COMPARABLE, *BF16, *FSDP, steps=2)
-    out, meta, _, _ = _run_two_processes(tmp_path, *COMPARABLE, *BF16, *FSDP, "train.resume_from_checkpoint=latest")
+    """FSDP2: resuming the sharded `save_state` checkpoint of step 2 and training step 3 == the 3 straight steps, bit
+    for bit: every live weight, buffer (BatchNorm statistics: rank 0's on every rank, see
+    `broadcast_buffers_like_ddp`) and EMA."""
+    straight_out = fsdp_bf16_run[0]
+    step2 = straight_out / "checkpoints" / ckpt.checkpoint_name(2)
+    out, meta, _, _ = _run_two_processes(tmp_path, *COMPARABLE, *BF16, *FSDP, f"train.resume_from_checkpoint={step2}")
     assert meta[2] == 3
-    resumed, straight = _exported_live_weights(out), _exported_live_weights(fsdp_bf16_run[0])
+    resumed, straight = _exported_live_weights(out), _exported_live_weights(straight_out)
     for name in straight:
         assert_identical(resumed[name], straight[name], name)
 
