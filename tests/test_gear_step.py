@@ -264,6 +264,8 @@ def watch_ar(setup: Setup) -> None:
     def on_call(module, args, kwargs):
         timeline.append(("ar_call", {"input_ids": kwargs.get("input_ids", args[0] if args else None),
                                      "input_probs": kwargs.get("input_probs"),
+                                     "input_logits": kwargs.get("input_logits"),
+                                     "temperature": kwargs.get("temperature"),
                                      "stop_at_layer": kwargs.get("stop_at_layer"), "training": module.training}))
 
     ar.register_forward_pre_hook(on_call, with_kwargs=True)
@@ -321,7 +323,7 @@ def test_ntp_gives_no_gradient_to_tokenizer(accelerator, quantizer, condition):
     hard_calls = [e[1] for e in phases(s.timeline)["after_discriminator"] if e[0] == "ar_call"]
     assert len(hard_calls) == 1
     call = hard_calls[0]
-    assert call["input_probs"] is None and call["stop_at_layer"] is None
+    assert call["input_probs"] is None and call["input_logits"] is None and call["stop_at_layer"] is None
     assert call["input_ids"] is not None and not call["input_ids"].is_floating_point()
     assert torch.equal(call["input_ids"], tokens[:, :-1]), "the AR must see argmax A of this step's forward"
     assert torch.isfinite(logs["ar/ntp_loss"])
@@ -406,9 +408,10 @@ def test_soft_pass_runs_blocks_up_to_align_layer_only(accelerator, quantizer, co
     assert len(soft_calls) == 1, "exactly one AR call before the tokenizer update (the soft branch)"
     call = soft_calls[0]
     assert call["input_ids"] is None and call["stop_at_layer"] == ALIGN_LAYER and not call["training"]
-    probs = call["input_probs"]
-    assert probs.shape == (BATCH, GRID * GRID - 1, K) and probs.requires_grad
-    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+    # The soft read-out of this step's assignment: A[:, :-1] and τ, embedded by the AR as softmax(A/τ)·E.
+    assert call["input_probs"] is None and call["temperature"] == s.cfg.gear.temperature
+    logits = call["input_logits"]
+    assert logits.shape == (BATCH, GRID * GRID - 1, K) and logits.requires_grad
     ran = [e[1] for e in soft if e[0] == "ran"]
     assert ran == [f"layers.{i}" for i in range(ALIGN_LAYER)], f"soft pass ran {ran}, expected blocks 1..ℓ only"
     assert not any(e[2] for e in soft if e[0] == "ran"), "soft pass must run the AR in eval mode"

@@ -188,15 +188,16 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
     tokens = tok_out.indices.flatten(1)  # hard read-out q: integers, so no gradient path to the tokenizer
     _record_stats(extras, tok_out, tokens)
 
-    # 3-4 (soft): π = softmax(A/τ); u^s = π E (the AR's own table); AR blocks 1..ℓ only.
-    # The AR and projector are frozen and in eval mode: this loss updates only the tokenizer.
+    # 3-4 (soft): π = softmax(A/τ); u^s = π E (the AR's own table, row-chunked: no N×K tensor kept); AR blocks
+    # 1..ℓ only. The AR and projector are frozen and in eval mode: this loss updates only the tokenizer.
     ar, projector = unwrap(m.ar), unwrap(m.projector)
     ar.eval()
     with frozen(ar, projector):
-        pi = soft_readout(tok_out.assignment_logits, g.temperature)
+        soft = {"input_logits": tok_out.assignment_logits[:, :-1], "temperature": g.temperature}
         if g.straight_through:  # ablation: forward exactly one-hot, backward through π
-            pi = pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
-        h_soft = ar(input_probs=pi[:, :-1], **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
+            pi = soft_readout(tok_out.assignment_logits, g.temperature)
+            soft = {"input_probs": (pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach())[:, :-1]}
+        h_soft = ar(**soft, **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
         align_soft = align_loss(h_soft, target, projector)
     logs["tokenizer/align_loss"] = align_soft.detach()
 
