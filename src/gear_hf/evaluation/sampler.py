@@ -107,8 +107,9 @@ def _sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, imag
     from ..pipelines.pipeline_gear import to_uint8
 
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    if isinstance(conditions[0], str):
-        out = pipe(prompt=conditions, generator=generators, output_type="latent", **sampling)
+    if isinstance(conditions[0], str):  # text-to-image: the pipeline's own defaults apart from the guidance
+        out = pipe(prompt=conditions, guidance_scale=sampling.get("guidance_scale", 1.0), generator=generators,
+                   output_type="latent")
     else:
         out = pipe(conditions, generator=generators, output_type="latent", **sampling)
     images = pipe.vq_model.decode(out.images).float()
