@@ -34,16 +34,8 @@ def torchscript():
 
 
 @pytest.fixture(scope="module")
-def weights_with_classifier(ours, tmp_path_factory):
-    """default_1's weights in torchvision names plus a random 1008-way classifier, saved as a pytorch-fid /
-    torch-fidelity style `.pth` (the real classifier is not available offline)."""
-    state = {k: v for k, v in ours.state_dict().items()}
-    generator = torch.Generator().manual_seed(0)
-    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.05
-    state["fc.bias"] = torch.randn(1008, generator=generator)
-    path = tmp_path_factory.mktemp("inception") / "pt_inception-like.pth"
-    torch.save(state, path)
-    return path
+def weights_with_classifier(inception_weights_with_classifier):
+    return inception_weights_with_classifier
 
 
 def images_uint8(n=2, size=64, seed=0):

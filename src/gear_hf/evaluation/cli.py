@@ -193,7 +193,9 @@ def _data_arguments(parser) -> None:
     parser.add_argument("--data-source", choices=("imagefolder", "hub", "webdataset", "fashion-mnist"),
                         default="imagefolder")
     parser.add_argument("--data", help="image folder, datasets id, or WebDataset shard glob")
-    parser.add_argument("--split", default="validation")
+    parser.add_argument("--split", default=None, help="default: 'train' for imagefolder / webdataset (a folder "
+                                                      "without split subfolders is 'train' to datasets), "
+                                                      "'validation' for a Hub dataset")
     parser.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's image_size")
     parser.add_argument("--resize", choices=sorted(RESIZE_MODES), default="bicubic",
                         help="short-side resize; bilinear reproduces Open-MAGVIT2 / IBQ numbers")
@@ -208,7 +210,8 @@ def _tokenizer_and_batches(args):
 
     tokenizer = GEARTokenizerModel.from_pretrained(args.tokenizer).to(_device(args.device)).float()
     size = args.image_size or tokenizer.config.image_size
-    batches = eval_image_loader(args.data_source, args.data, split=args.split, image_size=size, resize=args.resize,
+    split = args.split or ("validation" if args.data_source == "hub" else "train")
+    batches = eval_image_loader(args.data_source, args.data, split=split, image_size=size, resize=args.resize,
                                 batch_size=args.batch_size, max_samples=args.max_samples,
                                 num_workers=args.num_workers)
     return tokenizer, batches, size

@@ -440,7 +440,7 @@ class InceptionExtractor:
         with strict_fp32():
             for batch in tqdm(batches, desc=desc, disable=not self.progress, total=_length(batches)):
                 check_uint8_images(batch)
-                x = torch.as_tensor(np.asarray(batch) if not torch.is_tensor(batch) else batch)
+                x = batch if torch.is_tensor(batch) else torch.from_numpy(np.array(batch))  # a writable copy
                 out = self.model(preprocess_adm(x.to(self.device).permute(0, 3, 1, 2)))
                 pool.append(out.pool.cpu().numpy())
                 spatial.append(out.spatial.cpu().numpy())

@@ -293,15 +293,22 @@ def load_coco_pairs(source: str, num_samples: int = 30000, seed: int = 42, size:
     """(captions, ground-truth images) of the COCO subset GEAR evaluates: a directory of parquet files or a
     `datasets` id with `image` and `caption` columns, rows `RandomState(seed).permutation(n)[:num_samples]`
     (num_samples capped at n, as the official evaluator does)."""
+    import glob
     import os
     import warnings
 
     import datasets
 
-    if os.path.isdir(source):
-        dataset = datasets.load_dataset("parquet", data_dir=source, split="train")
+    if os.path.isdir(source):  # every parquet file of the directory, in sorted order (as the official loader)
+        files = sorted(glob.glob(os.path.join(source, "*.parquet")))
+        if not files:
+            raise FileNotFoundError(f"No .parquet files in {source!r}.")
+        dataset = datasets.load_dataset("parquet", data_files={"train": files}, split="train")
     else:
-        dataset = datasets.load_dataset(source, split="train")
+        splits = datasets.load_dataset(source)
+        if len(splits) != 1 and "train" not in splits:
+            raise ValueError(f"{source} has the splits {list(splits)}; pass a directory of the COCO parquet files.")
+        dataset = splits["train"] if "train" in splits else next(iter(splits.values()))
     missing = {"image", "caption"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"{source} lacks the column(s) {sorted(missing)} (it has {dataset.column_names}); COCO "

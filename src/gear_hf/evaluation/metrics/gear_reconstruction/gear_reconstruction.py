@@ -23,7 +23,8 @@ _KWARGS_DESCRIPTION = "predictions: reconstructions; references: ground truth; b
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class GearReconstruction(evaluate.Metric):
     def _info(self):
-        image = datasets.Array3D(shape=(None, None, 3), dtype="float32")
+        # (H, W, 3) of any size: Array3D allows a dynamic size on its first axis only
+        image = datasets.List(datasets.List(datasets.List(datasets.Value("float32"))))
         return evaluate.MetricInfo(description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
                                    features=datasets.Features({"predictions": image, "references": image}))
 
