@@ -99,8 +99,11 @@ class ManifoldEstimator:
         if n < self.k + 1:
             raise ValueError(f"Precision/recall need at least k + 1 = {self.k + 1} feature vectors per set to "
                              f"define k-NN radii (k = {self.k}); got {n}.")
+        from tqdm.auto import tqdm
+
         radii = []
-        for r0, r1 in self._blocks(n, self.row_batch_size):
+        rows = self._blocks(n, self.row_batch_size)
+        for r0, r1 in tqdm(rows, desc="k-NN radii", disable=len(rows) < 2):
             smallest = None
             for c0, c1 in self._blocks(n, self.col_batch_size):
                 block = self._distances(features[r0:r1], features[c0:c1])

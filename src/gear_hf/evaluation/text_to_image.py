@@ -165,9 +165,11 @@ def polynomial_mmd(real_features, fake_features, n_subsets: int = 100, subset_si
     m = min(subset_size, len(real), len(fake))
     if m < 2:
         raise ValueError(f"MMD needs at least 2 real and 2 fake features; got {len(real)} and {len(fake)}.")
+    from tqdm.auto import tqdm
+
     rng = np.random.default_rng(seed)
     values = np.empty(n_subsets)
-    for i in range(n_subsets):
+    for i in tqdm(range(n_subsets), desc="MMD", disable=n_subsets < 10):
         r = real[torch.from_numpy(rng.choice(len(real), m, replace=False))]
         f = fake[torch.from_numpy(rng.choice(len(fake), m, replace=False))]
         values[i] = _polynomial_mmd2(r, f)
