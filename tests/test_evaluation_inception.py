@@ -78,7 +78,7 @@ def test_adm_pipeline_matches_torch_fidelity_inception_v3_compat(weights_with_cl
 
 @torch.no_grad()
 def test_pytorch_fid_pipeline_matches_pytorch_fid(ours, weights_with_classifier, monkeypatch):
-    import pytorch_fid.inception as pfid
+    pfid = pytest.importorskip("pytorch_fid.inception", reason="pytorch-fid (gear_hf[eval]) is not installed")
 
     state = torch.load(weights_with_classifier, weights_only=True)
     monkeypatch.setattr(pfid, "load_state_dict_from_url", lambda *args, **kwargs: state)

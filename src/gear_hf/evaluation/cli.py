@@ -40,7 +40,10 @@ def _emit(result: dict, args) -> dict:
             f.write(text + "\n")
         os.replace(tmp, args.output)
     if args.record_dir:
-        import evaluate
+        try:
+            import evaluate
+        except ImportError as error:
+            raise SystemExit("--record-dir needs the `evaluate` package: pip install 'gear_hf[eval]'.") from error
 
         evaluate.save(args.record_dir, **{k: v for k, v in _flatten(result).items() if v is not None})
     return result
