@@ -279,3 +279,55 @@ def test_small_sets_warn_or_fail():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adm.fid_of_samples(rng(1).standard_normal((2048, 8)), ref)  # no warning at the threshold
+
+
+# ------------------------------------------------------------------------------------------------ ADM pipeline wiring
+class FakeExtractor:
+    """Stands in for InceptionExtractor: deterministic 'features' of uint8 images, counting the images it sees."""
+
+    batch_size, weights_path, has_classifier, device = 7, None, True, "cpu"
+
+    def __init__(self):
+        self.seen = 0
+
+    def adm_features(self, batches, desc=""):
+        images = np.concatenate([np.asarray(b) for b in batches]).astype(np.float32) / 255
+        self.seen += len(images)
+        flat = images.reshape(len(images), -1)
+        pool = np.tile(flat[:, :16], (1, 4))[:, :40]
+        logits = flat[:, :10] * 20
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        return {"pool": pool, "spatial": flat[:, :12], "probs": probs.astype(np.float32)}
+
+
+def test_evaluate_sample_batch_composes_the_adm_metrics(tmp_path):
+    g = rng(9)
+    samples, reference = tmp_path / "samples.npz", tmp_path / "ref.npz"
+    np.savez(samples, arr_0=g.integers(0, 256, (30, 4, 4, 3), dtype=np.uint8))
+    np.savez(reference, arr_0=g.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8))
+    extractor = FakeExtractor()
+    result = adm.evaluate_sample_batch(samples, reference, extractor, cache_dir=str(tmp_path / "cache"))
+    s_acts = FakeExtractor().adm_features([np.load(samples)["arr_0"]])
+    r_acts = FakeExtractor().adm_features([np.load(reference)["arr_0"]])
+    fs = lambda a: FIDStatistics.from_features(a)  # noqa: E731
+    expected = {"fid": frechet_distance(fs(s_acts["pool"]).mu, fs(s_acts["pool"]).sigma,
+                                        fs(r_acts["pool"]).mu, fs(r_acts["pool"]).sigma),
+                "sfid": frechet_distance(fs(s_acts["spatial"]).mu, fs(s_acts["spatial"]).sigma,
+                                         fs(r_acts["spatial"]).mu, fs(r_acts["spatial"]).sigma),
+                "inception_score": adm.inception_score(s_acts["probs"])}
+    expected["precision"], expected["recall"] = adm.precision_recall(r_acts["pool"], s_acts["pool"])
+    assert result == pytest.approx(expected, rel=1e-9)
+    assert extractor.seen == 50
+    # the reference activations are cached: a second evaluation only extracts the samples
+    again = adm.evaluate_sample_batch(samples, reference, extractor, cache_dir=str(tmp_path / "cache"))
+    assert again == result and extractor.seen == 80
+    # stored statistics win over arr_0 for FID (ADM's read_statistics), and are what the loader returns
+    stored = FIDStatistics.from_features(g.standard_normal((100, 40)))
+    np.savez(reference, arr_0=np.load(reference)["arr_0"], mu=stored.mu, sigma=stored.sigma)
+    loaded = adm.load_reference_statistics(reference)
+    assert np.array_equal(loaded.mu, stored.mu) and np.array_equal(loaded.sigma, stored.sigma)
+    with_stats = adm.evaluate_sample_batch(samples, reference, extractor, metrics=("fid",))
+    assert with_stats["fid"] == pytest.approx(frechet_distance(fs(s_acts["pool"]).mu, fs(s_acts["pool"]).sigma,
+                                                               stored.mu, stored.sigma))
+    spatial = adm.load_reference_statistics(reference, extractor, cache_dir=str(tmp_path / "c2"), spatial=True)
+    np.testing.assert_allclose(spatial.sigma, fs(r_acts["spatial"]).sigma)

@@ -59,14 +59,15 @@ def _norm_expansion(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def pairwise_squared_distances(u: torch.Tensor, v: torch.Tensor, dtype: str = "float16") -> torch.Tensor:
     """ADM's `DistanceBlock`: max(‖u‖² − 2u·v + ‖v‖², 0) on fp16-cast inputs, or fp32 if any entry is not finite.
 
-    fp16 is emulated exactly the same way on every device: inputs rounded to fp16, products and norms
-    accumulated in fp32 and rounded to fp16, the expansion evaluated in fp16 (as TF's fp16 kernels on GPU).
+    fp16 is emulated the same way on every device, following TF's fp16 graph on GPU: inputs rounded to fp16,
+    elementwise squares rounded to fp16, sums and the matmul accumulated in fp32 and rounded to fp16, the
+    expansion evaluated in fp16.
     """
     u, v = u.float(), v.float()
     if dtype == "float16":
         u16, v16 = u.half().float(), v.half().float()
-        norm_u = (u16 * u16).sum(1, keepdim=True).half()
-        norm_v = (v16 * v16).sum(1)[None].half()
+        norm_u = (u16 * u16).half().float().sum(1, keepdim=True).half()
+        norm_v = (v16 * v16).half().float().sum(1)[None].half()
         products = (u16 @ v16.T).half()
         distances = torch.clamp_min(norm_u - 2 * products + norm_v, 0)
         if bool(torch.isfinite(distances).all()):
