@@ -331,3 +331,13 @@ def test_evaluate_sample_batch_composes_the_adm_metrics(tmp_path):
                                                                stored.mu, stored.sigma))
     spatial = adm.load_reference_statistics(reference, extractor, cache_dir=str(tmp_path / "c2"), spatial=True)
     np.testing.assert_allclose(spatial.sigma, fs(r_acts["spatial"]).sigma)
+
+
+def test_inception_extraction_stays_fp32_under_training_autocast():
+    from gear_hf.evaluation.inception import FIDInceptionV3, InceptionExtractor
+
+    extractor = InceptionExtractor(model=FIDInceptionV3().eval(), progress=False)
+    images = rng(10).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    plain = extractor.adm_features(images)["pool"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert np.array_equal(extractor.adm_features(images)["pool"], plain)

@@ -437,7 +437,7 @@ class InceptionExtractor:
 
         pool, spatial, probs = [], [], []
         batches = self._batches(images)
-        with strict_fp32():
+        with strict_fp32(), torch.autocast(self.device.type, enabled=False):  # fp32 even inside training autocast
             for batch in tqdm(batches, desc=desc, disable=not self.progress, total=_length(batches)):
                 check_uint8_images(batch)
                 x = batch if torch.is_tensor(batch) else torch.from_numpy(np.array(batch))  # a writable copy
@@ -456,7 +456,7 @@ class InceptionExtractor:
         """float [0, 1] (N, 3, H, W) → pool features (N, 2048) with pytorch-fid's resize and scaling."""
         if not torch.is_tensor(images_01) or not images_01.is_floating_point() or images_01.ndim != 4:
             raise ValueError("pytorch_fid_pool expects a float (N, 3, H, W) tensor in [0, 1].")
-        with strict_fp32():
+        with strict_fp32(), torch.autocast(self.device.type, enabled=False):
             out = [self.model(preprocess_pytorch_fid(images_01[i:i + self.batch_size].to(self.device))).pool
                    for i in range(0, len(images_01), self.batch_size)]
         return torch.cat(out).cpu().numpy()
