@@ -341,3 +341,12 @@ def test_inception_extraction_stays_fp32_under_training_autocast():
     plain = extractor.adm_features(images)["pool"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert np.array_equal(extractor.adm_features(images)["pool"], plain)
+
+
+def test_missing_pretrained_networks_name_the_option(tmp_path):
+    from gear_hf.evaluation.text_to_image import CLIPScorer, DINOv2Extractor
+
+    with pytest.raises(FileNotFoundError, match="Pass --dinov2 with a local directory"):
+        DINOv2Extractor.from_pretrained(str(tmp_path / "no-dinov2"))
+    with pytest.raises(FileNotFoundError, match="Pass --clip with a local directory"):
+        CLIPScorer.from_pretrained(str(tmp_path / "no-clip"))

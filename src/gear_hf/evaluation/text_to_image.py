@@ -85,7 +85,7 @@ class DINOv2Extractor:
 
         try:
             model = Dinov2Model.from_pretrained(name_or_path)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # a missing local dir reads as an invalid Hub id
             raise FileNotFoundError(f"Cannot load DINOv2 from {name_or_path!r} ({error}). Pass --dinov2 with a local "
                                     "directory of facebook/dinov2-large (config.json + model.safetensors) or a Hub "
                                     "id reachable from this machine.") from error
@@ -247,7 +247,7 @@ class CLIPScorer:
 
         try:
             return cls(CLIPModel.from_pretrained(name_or_path), CLIPProcessor.from_pretrained(name_or_path), **kwargs)
-        except OSError as error:
+        except (OSError, ValueError) as error:  # a missing local dir reads as an invalid Hub id
             raise FileNotFoundError(f"Cannot load CLIP from {name_or_path!r} ({error}). Pass --clip with a local "
                                     "directory of openai/clip-vit-base-patch32 (model and processor files) or a "
                                     "Hub id reachable from this machine.") from error
