@@ -174,20 +174,20 @@ def load_reference_batch(path: str | os.PathLike) -> ADMReference:
     """Read (lazily for `arr_0`) an ADM reference batch such as `VIRTUAL_imagenet256_labeled.npz`."""
     keys = npz_keys(path)
     image_shape = check_sample_batch(path) if "arr_0" in keys else None
-    arrays = np.load(path)
+    if image_shape is None and "mu" not in keys:
+        raise ValueError(f"{path} is not an ADM reference batch: it has neither images (arr_0) nor statistics "
+                         f"(mu, sigma); it has {keys}.")
 
-    def stats(mu: str, sigma: str) -> FIDStatistics | None:
+    def stats(arrays, mu: str, sigma: str) -> FIDStatistics | None:
         if mu in keys and sigma in keys:
             return FIDStatistics(mu=arrays[mu], sigma=arrays[sigma])
         if mu in keys or sigma in keys:
             raise ValueError(f"{path} has only one of {mu!r} / {sigma!r}; a reference needs both or neither.")
         return None
 
-    if image_shape is None and "mu" not in keys:
-        raise ValueError(f"{path} is not an ADM reference batch: it has neither images (arr_0) nor statistics "
-                         f"(mu, sigma); it has {keys}.")
-    return ADMReference(path=str(path), image_shape=image_shape, stats=stats("mu", "sigma"),
-                        spatial_stats=stats("mu_s", "sigma_s"))
+    with np.load(path) as arrays:  # reads only the statistics; arr_0 is streamed when needed
+        return ADMReference(path=str(path), image_shape=image_shape, stats=stats(arrays, "mu", "sigma"),
+                            spatial_stats=stats(arrays, "mu_s", "sigma_s"))
 
 
 def default_cache_dir() -> str:
