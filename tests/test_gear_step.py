@@ -391,6 +391,41 @@ def test_soft_guidance_reaches_encoder_and_codebook_only(accelerator, quantizer,
         assert not tok["grads_after"][group] and not tok["moved"][group], group
 
 
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_table7_straight_through_lets_ntp_reach_the_tokenizer(accelerator, quantizer):
+    """`gear.straight_through_ntp` (the paper's Table 7 straight-through arm): the hard branch is fed the
+    straight-through one-hot, so L_NTP + λ L_align^h reach encoder and codebook. With L_VQ and λ_tok at 0 only
+    that path can move the tokenizer: it does with the switch, and nothing moves it without."""
+    moved = {}
+    for switch in (False, True):
+        s = build(accelerator, quantizer, vq_weights=False)
+        s.cfg.gear.tokenizer_align_weight = 0.0
+        s.cfg.gear.straight_through_ntp = switch
+        groups = tokenizer_groups(s.m.tokenizer)
+        before = {g: [p.detach().clone() for p in ps] for g, ps in groups.items()}
+        ar_before = [p.detach().clone() for p in s.m.ar.parameters()]
+        logs = gear_step(s.m, s.batch, s.cfg)
+        moved[switch] = {g: any(not torch.equal(a, p) for a, p in zip(before[g], groups[g])) for g in groups}
+        assert any(not torch.equal(a, p) for a, p in zip(ar_before, s.m.ar.parameters())), "the AR must learn"
+        assert torch.isfinite(logs["ar/ntp_loss"])
+    assert not any(moved[False].values()), f"without the switch the hard branch moved the tokenizer: {moved[False]}"
+    assert moved[True]["encoder"], "NTP through the straight-through one-hot must reach the encoder"
+    if quantizer != "lfq":
+        assert moved[True]["codebook"]
+    assert not moved[True]["decoder"], "the hard branch does not decode"
+
+    # The gradient itself: NTP of the straight-through input is connected to the tokenizer, of hard ids it is not.
+    s = build(accelerator, quantizer)
+    tok_out = s.m.tokenizer(s.batch["pixel_values"].float() / 127.5 - 1, return_assignment=True)
+    tokens = tok_out.indices.flatten(1)
+    pi = torch.softmax(tok_out.assignment_logits / s.cfg.gear.temperature, -1)
+    one_hot = pi + (F.one_hot(tokens, K).float() - pi).detach()
+    logits = s.m.ar(input_probs=one_hot[:, :-1], class_labels=s.batch["labels"]).logits
+    ntp = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    encoder = tokenizer_groups(s.m.tokenizer)["encoder"]
+    assert _nonzero(torch.autograd.grad(ntp, encoder, allow_unused=True))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (c) the soft pass is truncated at ℓ and runs the AR in eval mode
 # ---------------------------------------------------------------------------------------------------------------

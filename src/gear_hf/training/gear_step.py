@@ -45,6 +45,10 @@ class ModuleUpdate:
 
     def __call__(self, loss: torch.Tensor, parameters=None) -> torch.Tensor | None:
         self.accelerator.backward(loss)
+        return self.step(parameters)
+
+    def step(self, parameters=None) -> torch.Tensor | None:
+        """clip → optimizer step → LR step → zero grad, on gradients already accumulated."""
         grad_norm = None
         if self.accelerator.sync_gradients and self.max_grad_norm > 0:
             params = parameters if parameters is not None else self.model.parameters()
@@ -145,12 +149,15 @@ def tokenizer_and_discriminator_updates(m, x, tok_out, extra_loss, logs, step=0)
         logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
 
 
-def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs):
-    """Lines 3-5 and 7: hard tokens → full AR forward → L_NTP + λ·L_align(hard) → AR (+ projector) update."""
+def hard_branch_loss(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs,
+                     input_probs=None) -> torch.Tensor:
+    """Lines 3-5: hard tokens (or, in the Table 7 ablation, their straight-through one-hot `input_probs`) → full AR
+    forward in train mode → L_NTP + λ·L_align(hard)."""
     m.ar.train()
     use_repa = target is not None and align_weight > 0
     condition = dropped_for_guidance(m, condition)
-    out = m.ar(input_ids=tokens[:, :-1], **condition.model_kwargs(), output_hidden_states=use_repa)
+    tokens_in = {"input_ids": tokens[:, :-1]} if input_probs is None else {"input_probs": input_probs[:, :-1]}
+    out = m.ar(**tokens_in, **condition.model_kwargs(), output_hidden_states=use_repa)
     ntp = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens.flatten())
     loss = ntp
     logs["ar/ntp_loss"] = ntp.detach()
@@ -158,8 +165,40 @@ def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_w
         align_hard = align_loss(out.hidden_states[align_layer], target, m.projector)
         loss = loss + align_weight * align_hard
         logs["ar/align_loss"] = align_hard.detach()
-    params = list(m.ar.parameters()) + (list(m.projector.parameters()) if use_repa else [])
-    logs["grad_norm/ar"] = m.ar_update(loss, params)
+    return loss
+
+
+def ar_parameters(m, target, align_weight) -> list:
+    uses_projector = target is not None and align_weight > 0
+    return list(m.ar.parameters()) + (list(m.projector.parameters()) if uses_projector else [])
+
+
+def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs):
+    """Lines 3-5 and 7: hard tokens → full AR forward → L_NTP + λ·L_align(hard) → AR (+ projector) update."""
+    loss = hard_branch_loss(m, tokens, condition, target, align_layer, align_weight, logs)
+    logs["grad_norm/ar"] = m.ar_update(loss, ar_parameters(m, target, align_weight))
+
+
+def straight_through_updates(m, x, tok_out, tokens, condition, target, soft_loss, logs, step, cfg):
+    """Ablation (paper Table 7's straight-through reading, `gear.straight_through_ntp`): the hard branch is fed the
+    straight-through one-hot of the tokens (forward = one-hot, backward through π = softmax(A/τ)), so one backward of
+    L_VQ + λ_tok·L_align^s + L_NTP + λ_AR·L_align^h reaches the tokenizer AND the AR; then each module steps. The
+    paper reports this arm collapsing (gFID 104.9, rFID 59.7)."""
+    g = cfg.gear
+    pi = soft_readout(tok_out.assignment_logits, g.temperature)
+    one_hot = pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
+    hard = hard_branch_loss(m, tokens, condition, target, g.align_layer, g.ar_align_weight, logs, one_hot)
+    disc = unwrap(m.discriminator) if m.discriminator is not None else None
+    with frozen(disc):
+        vq = m.tokenizer_loss.generator_loss(x, tok_out.reconstruction, tok_out.quantizer_loss, disc, step=step)
+    logs.update({f"tokenizer/{k}": v.detach() for k, v in vq.items()})
+    m.tokenizer_update.accelerator.backward(vq["loss"] + g.tokenizer_align_weight * soft_loss + hard)
+    logs["grad_norm/tokenizer"] = m.tokenizer_update.step()
+    logs["grad_norm/ar"] = m.ar_update.step(ar_parameters(m, target, g.ar_align_weight))
+    if m.discriminator is not None and m.discriminator_update is not None and m.tokenizer_loss.gan_active(step):
+        d = m.tokenizer_loss.discriminator_loss(x, tok_out.reconstruction.detach(), m.discriminator)
+        logs.update({f"discriminator/{k}": v.detach() for k, v in d.items()})
+        logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
 
 
 def _record_stats(extras, tok_out, tokens):
@@ -194,12 +233,17 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
     ar.eval()
     with frozen(ar, projector):
         soft = {"input_logits": tok_out.assignment_logits[:, :-1], "temperature": g.temperature}
-        if g.straight_through:  # ablation: forward exactly one-hot, backward through π
+        if g.straight_through or g.straight_through_ntp:  # ablation: forward exactly one-hot, backward through π
             pi = soft_readout(tok_out.assignment_logits, g.temperature)
             soft = {"input_probs": (pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach())[:, :-1]}
         h_soft = ar(**soft, **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
         align_soft = align_loss(h_soft, target, projector)
     logs["tokenizer/align_loss"] = align_soft.detach()
+
+    if g.straight_through_ntp:  # ablation: NTP and L_align^h also reach the tokenizer (one joint backward)
+        straight_through_updates(m, x, tok_out, tokens, condition, target, align_soft, logs, step, cfg)
+        update_emas(m)
+        return logs
 
     # 6: θ_tok ← θ_tok − η∇(L_VQ + λ L_align^s); then the discriminator on sg(x̂).
     tokenizer_and_discriminator_updates(m, x, tok_out, g.tokenizer_align_weight * align_soft, logs, step)
