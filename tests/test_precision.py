@@ -19,7 +19,7 @@ from gear_hf.models.configuration_gear_ar import GEARConfig
 from gear_hf.models.configuration_gear_tokenizer import GEARTokenizerConfig
 from gear_hf.models.modeling_gear_ar import GEARForCausalImageLM, GEARRMSNorm, apply_2d_rope, build_2d_rope_table
 from gear_hf.models.modeling_gear_tokenizer import GEARTokenizerModel
-from gear_hf.models.quantizers import entropy_loss, soft_readout
+from gear_hf.models.quantizers import entropy_loss, soft_embed, soft_readout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,14 +68,18 @@ def test_quantizer_distances_and_entropy_are_fp32_under_bf16_autocast(quantizer)
 
 
 def test_soft_readout_is_fp32_softmax():
-    """softmax(A/τ) in fp32 whatever the dtype of A (bf16 logits from an autocast region included)."""
+    """softmax(A/τ) in fp32 whatever the dtype of A (bf16 logits from an autocast region included), and the soft
+    pass's softmax(A/τ)·E (`soft_embed`, fp32 table) in fp32 under autocast too."""
     logits = torch.randn(2, 5, 64) * 3
+    table = torch.randn(64, 16)
     for dtype in (torch.float32, torch.bfloat16):
         a = logits.to(dtype)
         with bf16_autocast():
             pi = soft_readout(a, 0.1)
-        assert pi.dtype == torch.float32
+            embedded = soft_embed(a, table, 0.1)
+        assert pi.dtype == torch.float32 and embedded.dtype == torch.float32
         torch.testing.assert_close(pi, torch.softmax(a.float() / 0.1, dim=-1), rtol=0, atol=0)
+        torch.testing.assert_close(embedded, soft_embed(a.float(), table, 0.1), rtol=0, atol=0)
 
 
 def test_rmsnorm_and_rope_compute_in_fp32():

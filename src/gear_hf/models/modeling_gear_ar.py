@@ -28,6 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from ..hub import GEARHubMixin
 from ..sampling import generate_image_tokens
 from .configuration_gear_ar import GEARConfig
+from .quantizers import soft_embed
 
 
 class GEARRMSNorm(nn.Module):
@@ -430,17 +431,25 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
             raise ValueError(f"text_attention_mask must be (B, L) = {tuple(text_embeds.shape[:2])}, got "
                              f"{tuple(text_attention_mask.shape)}.")
 
-    def embed_image_tokens(self, input_ids: torch.Tensor | None, input_probs: torch.Tensor | None) -> torch.Tensor:
-        """Hard ids -> embedding rows; soft `input_probs` (B, T, K) -> `input_probs @ tok_embeddings.weight`."""
+    def embed_image_tokens(self, input_ids: torch.Tensor | None = None, input_probs: torch.Tensor | None = None,
+                           input_logits: torch.Tensor | None = None,
+                           temperature: float | None = None) -> torch.Tensor:
+        """Image-token embeddings from hard ids (`tok_embeddings(ids)`), soft `input_probs` (B, T, K)
+        (`input_probs @ tok_embeddings.weight`) or assignment `input_logits` (B, T, K) with `temperature` τ
+        (`softmax(logits / τ) @ tok_embeddings.weight`, memory-lean: `quantizers.soft_embed`)."""
         if input_ids is not None:
             if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
                 raise ValueError(f"input_ids must be an integer tensor (B, T), got {input_ids.dtype} "
                                  f"{tuple(input_ids.shape)}; pass distributions as input_probs=(B, T, K).")
             return self.tok_embeddings(input_ids)
-        if input_probs.dim() != 3 or input_probs.shape[-1] != self.config.vocab_size:
-            raise ValueError(f"input_probs must have shape (B, T, {self.config.vocab_size}), got "
-                             f"{tuple(input_probs.shape)}.")
-        return input_probs @ self.tok_embeddings.weight
+        soft, name = (input_probs, "input_probs") if input_probs is not None else (input_logits, "input_logits")
+        if soft.dim() != 3 or soft.shape[-1] != self.config.vocab_size:
+            raise ValueError(f"{name} must have shape (B, T, {self.config.vocab_size}), got {tuple(soft.shape)}.")
+        if input_probs is not None:
+            return input_probs @ self.tok_embeddings.weight
+        if temperature is None:
+            raise ValueError("input_logits need their temperature: pass temperature=τ (softmax(logits / τ)).")
+        return soft_embed(input_logits, self.tok_embeddings.weight, temperature)
 
     def _embed_condition(self, class_labels, text_embeds, text_attention_mask, training: bool = False):
         """Prefix embeddings `(B, P, D)` and, for text, the key-validity mask of the text positions `(B, P)`."""
@@ -463,6 +472,8 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         text_embeds: torch.FloatTensor | None = None,
         text_attention_mask: torch.Tensor | None = None,
         input_probs: torch.FloatTensor | None = None,
+        input_logits: torch.FloatTensor | None = None,
+        temperature: float | None = None,
         labels: torch.LongTensor | None = None,
         cache: GEARKVCache | None = None,
         output_hidden_states: bool | None = None,
@@ -484,7 +495,11 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                 unconditional "" of Qwen3) gives the image no text at all.
             (The condition is required for an empty/absent cache and forbidden once the cache holds it.)
             input_probs: `(B, T, K)` distributions over the codebook instead of `input_ids` (soft read-out,
-                embedded as `input_probs @ tok_embeddings.weight`). Give at most one of the two.
+                embedded as `input_probs @ tok_embeddings.weight`).
+            input_logits, temperature: `(B, T, K)` assignment logits A and τ instead: GEAR's soft read-out
+                `softmax(A / τ) @ tok_embeddings.weight` without keeping any (B, T, K) tensor for the backward
+                (`gear_hf.models.quantizers.soft_embed`). Give at most one of input_ids / input_probs /
+                input_logits.
             labels: `(B, L)` target image tokens; `loss` is the mean cross-entropy of `logits[:, :L]` against them.
                 With `input_ids = labels[:, :-1]` this is the next-token loss.
             cache: a [`GEARKVCache`] from `allocate_kv_cache`; updated in place and advanced. (`past_key_values=`
@@ -494,8 +509,10 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
                 `last_hidden_state` (no later block, no final norm, no head; `logits` is None).
         """
         c = self.config
-        if input_ids is not None and input_probs is not None:
-            raise ValueError("Pass either input_ids (hard tokens) or input_probs (soft distributions), not both.")
+        tokens_given = sum(x is not None for x in (input_ids, input_probs, input_logits))
+        if tokens_given > 1:
+            raise ValueError("Pass one of input_ids (hard tokens), input_probs (soft distributions) or input_logits "
+                             "(assignment logits with temperature), not several.")
         if class_labels is not None and text_embeds is not None:
             raise ValueError("Pass either class_labels or text_embeds, not both.")
         if stop_at_layer is not None and not 1 <= stop_at_layer <= c.num_hidden_layers:
@@ -509,8 +526,8 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         if conditioned and past > 0:
             raise ValueError(f"{condition_name} were given but the KV cache already holds {past} positions; pass only "
                              "the next image tokens.")
-        if not conditioned and input_ids is None and input_probs is None:
-            raise ValueError("Nothing to run: pass input_ids or input_probs.")
+        if not conditioned and not tokens_given:
+            raise ValueError("Nothing to run: pass input_ids, input_probs or input_logits.")
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = c.return_dict if return_dict is None else return_dict
 
@@ -518,12 +535,12 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         pieces, text_valid = [], None
         if conditioned:
             # GEAR's soft pass (soft input, autograd on) runs in eval mode but is training: no label-value check.
-            soft_training = input_probs is not None and torch.is_grad_enabled()
+            soft_training = (input_probs is not None or input_logits is not None) and torch.is_grad_enabled()
             prefix, text_valid = self._embed_condition(class_labels, text_embeds, text_attention_mask,
                                                        training=self.training or soft_training)
             pieces.append(prefix)
-        if input_ids is not None or input_probs is not None:
-            pieces.append(self.embed_image_tokens(input_ids, input_probs))
+        if tokens_given:
+            pieces.append(self.embed_image_tokens(input_ids, input_probs, input_logits, temperature))
         hidden_states = self.tok_dropout(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
 
         # 2. Rotary rows and (text models) the attention mask of the positions covered by this call.

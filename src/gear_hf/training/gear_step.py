@@ -47,6 +47,10 @@ class ModuleUpdate:
         """`parameters` to clip: an iterable or a function returning one (read after the backward: FSDP2 swaps a
         root's unsharded parameters for its shards there); default: the model's."""
         self.accelerator.backward(loss)
+        return self.step(parameters)
+
+    def step(self, parameters=None) -> torch.Tensor | None:
+        """clip → optimizer step → LR step → zero grad, on gradients already accumulated."""
         grad_norm = None
         if self.accelerator.sync_gradients and self.max_grad_norm > 0:
             params = parameters() if callable(parameters) else parameters
@@ -150,12 +154,15 @@ def tokenizer_and_discriminator_updates(m, x, tok_out, extra_loss, logs, step=0)
         logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
 
 
-def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs):
-    """Lines 3-5 and 7: hard tokens → full AR forward → L_NTP + λ·L_align(hard) → AR (+ projector) update."""
+def hard_branch_loss(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs,
+                     input_probs=None) -> torch.Tensor:
+    """Lines 3-5: hard tokens (or, in the Table 7 ablation, their straight-through one-hot `input_probs`) → full AR
+    forward in train mode → L_NTP + λ·L_align(hard)."""
     m.ar.train()
     use_repa = target is not None and align_weight > 0
     condition = dropped_for_guidance(m, condition)
-    out = m.ar(input_ids=tokens[:, :-1], **condition.model_kwargs(), output_hidden_states=use_repa)
+    tokens_in = {"input_ids": tokens[:, :-1]} if input_probs is None else {"input_probs": input_probs[:, :-1]}
+    out = m.ar(**tokens_in, **condition.model_kwargs(), output_hidden_states=use_repa)
     ntp = F.cross_entropy(out.logits.flatten(0, 1).float(), tokens.flatten())
     loss = ntp
     logs["ar/ntp_loss"] = ntp.detach()
@@ -163,11 +170,42 @@ def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_w
         align_hard = align_loss(out.hidden_states[align_layer], target, m.projector)
         loss = loss + align_weight * align_hard
         logs["ar/align_loss"] = align_hard.detach()
+    return loss
 
-    def params():  # each parameter once (FSDP2 / DeepSpeed: `m.ar` is the AR engine's root, it holds the projector)
-        return list(dict.fromkeys([*m.ar.parameters(), *(m.projector.parameters() if use_repa else ())]))
 
-    logs["grad_norm/ar"] = m.ar_update(loss, params)
+def ar_parameters(m, target, align_weight) -> list:
+    """Each parameter once (FSDP2 / DeepSpeed: `m.ar` is the AR engine's root, which holds the projector)."""
+    uses_projector = target is not None and align_weight > 0
+    return list(dict.fromkeys([*m.ar.parameters(), *(m.projector.parameters() if uses_projector else ())]))
+
+
+def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs):
+    """Lines 3-5 and 7: hard tokens → full AR forward → L_NTP + λ·L_align(hard) → AR (+ projector) update."""
+    loss = hard_branch_loss(m, tokens, condition, target, align_layer, align_weight, logs)
+    # Read after the backward (FSDP2 swaps the root's unsharded parameters back to shards there).
+    logs["grad_norm/ar"] = m.ar_update(loss, lambda: ar_parameters(m, target, align_weight))
+
+
+def straight_through_updates(m, x, tok_out, tokens, condition, target, soft_loss, logs, step, cfg):
+    """Ablation (paper Table 7's straight-through reading, `gear.straight_through_ntp`): the hard branch is fed the
+    straight-through one-hot of the tokens (forward = one-hot, backward through π = softmax(A/τ)), so one backward of
+    L_VQ + λ_tok·L_align^s + L_NTP + λ_AR·L_align^h reaches the tokenizer AND the AR; then each module steps. The
+    paper reports this arm collapsing (gFID 104.9, rFID 59.7)."""
+    g = cfg.gear
+    pi = soft_readout(tok_out.assignment_logits, g.temperature)
+    one_hot = pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
+    hard = hard_branch_loss(m, tokens, condition, target, g.align_layer, g.ar_align_weight, logs, one_hot)
+    disc = unwrap(m.discriminator) if m.discriminator is not None else None
+    with frozen(disc):
+        vq = m.tokenizer_loss.generator_loss(x, tok_out.reconstruction, tok_out.quantizer_loss, disc, step=step)
+    logs.update({f"tokenizer/{k}": v.detach() for k, v in vq.items()})
+    m.tokenizer_update.accelerator.backward(vq["loss"] + g.tokenizer_align_weight * soft_loss + hard)
+    logs["grad_norm/tokenizer"] = m.tokenizer_update.step()
+    logs["grad_norm/ar"] = m.ar_update.step(ar_parameters(m, target, g.ar_align_weight))
+    if m.discriminator is not None and m.discriminator_update is not None and m.tokenizer_loss.gan_active(step):
+        d = m.tokenizer_loss.discriminator_loss(x, tok_out.reconstruction.detach(), m.discriminator)
+        logs.update({f"discriminator/{k}": v.detach() for k, v in d.items()})
+        logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
 
 
 def _record_stats(extras, tok_out, tokens):
@@ -196,17 +234,23 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
     tokens = tok_out.indices.flatten(1)  # hard read-out q: integers, so no gradient path to the tokenizer
     _record_stats(extras, tok_out, tokens)
 
-    # 3-4 (soft): π = softmax(A/τ); u^s = π E (the AR's own table); AR blocks 1..ℓ only.
-    # The AR and projector are frozen and in eval mode: this loss updates only the tokenizer.
+    # 3-4 (soft): π = softmax(A/τ); u^s = π E (the AR's own table, row-chunked: no N×K tensor kept); AR blocks
+    # 1..ℓ only. The AR and projector are frozen and in eval mode: this loss updates only the tokenizer.
     ar, projector = unwrap(m.ar), unwrap(m.projector)
     ar.eval()
     with frozen(ar, projector):
-        pi = soft_readout(tok_out.assignment_logits, g.temperature)
-        if g.straight_through:  # ablation: forward exactly one-hot, backward through π
-            pi = pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
-        h_soft = ar(input_probs=pi[:, :-1], **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
+        soft = {"input_logits": tok_out.assignment_logits[:, :-1], "temperature": g.temperature}
+        if g.straight_through or g.straight_through_ntp:  # ablation: forward exactly one-hot, backward through π
+            pi = soft_readout(tok_out.assignment_logits, g.temperature)
+            soft = {"input_probs": (pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach())[:, :-1]}
+        h_soft = ar(**soft, **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
         align_soft = align_loss(h_soft, target, projector)
     logs["tokenizer/align_loss"] = align_soft.detach()
+
+    if g.straight_through_ntp:  # ablation: NTP and L_align^h also reach the tokenizer (one joint backward)
+        straight_through_updates(m, x, tok_out, tokens, condition, target, align_soft, logs, step, cfg)
+        update_emas(m)
+        return logs
 
     # 6: θ_tok ← θ_tok − η∇(L_VQ + λ L_align^s); then the discriminator on sg(x̂).
     tokenizer_and_discriminator_updates(m, x, tok_out, g.tokenizer_align_weight * align_soft, logs, step)

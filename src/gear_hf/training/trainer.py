@@ -39,6 +39,7 @@ from .data import collate
 from .engines import TrainingEngines, build_accelerator
 from .gear_step import ar_step, gear_step, tokenizer_step, unwrap
 from .monitoring import TrainingMonitor, save_previews
+from .online_eval import OnlineFID
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class GEARTrainer:
         self.global_step = 0
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches each process consumed in the current epoch
+        self.last_eval: dict[str, float] = {}
         self._built = False
 
     # ----------------------------------------------------------------------------------------------- build
@@ -116,6 +118,9 @@ class GEARTrainer:
         optim = build_optimization(cfg, models, self.engines.scheduler_steps_per_update)
         self.components = self.engines.prepare(self.data, models, optim)
         self.signature = models.signature
+        self.online_fid = None
+        if cfg.eval.every and self.components.ar is not None:
+            self.online_fid = OnlineFID(cfg, acc, text_to_image=self.components.text_conditioner is not None)
         set_seed(cfg.train.seed, device_specific=True)  # official: seed + rank (dropout, class dropout)
         self._built = True
         return self
@@ -172,6 +177,18 @@ class GEARTrainer:
         save_previews(self.accelerator, self.cfg, self.global_step, tokenizer,
                       c.ar_ema.model if c.ar_ema is not None else None,
                       None if fixed is None else fixed["pixel_values"], c.text_conditioner, prompts)
+
+    def evaluate(self) -> float | None:
+        """In-training FID of the EMA models (collective); logged as `eval/fid`. The value on the main process."""
+        c = self.components
+        tokenizer = c.tokenizer_ema.model if c.tokenizer_ema is not None else c.tokenizer
+        fid = self.online_fid(c.ar_ema.model, tokenizer, c.text_conditioner)
+        if self.accelerator.is_main_process:
+            self.last_eval = {"eval/fid": fid, "eval/num_samples": self.cfg.eval.num_samples}
+            self.accelerator.print(f"step {self.global_step}: FID of {self.cfg.eval.num_samples} samples = {fid:.3f}")
+            if self.accelerator.log_with:
+                self.accelerator.log(self.last_eval, step=self.global_step)
+        return fid
 
     def _fixed_samples(self, n: int) -> dict | None:
         """The first `n` samples of epoch 0 (map-style data only): the preview images (and their captions)."""
@@ -268,6 +285,8 @@ class GEARTrainer:
                     self.monitor.flush(self.global_step, self.epoch, schedulers, progress)
                 if self._is_due(cfg.train.sample_every, self.global_step):
                     self.save_samples()
+                if self.online_fid is not None and self._is_due(cfg.eval.every, self.global_step):
+                    self.evaluate()
                 if stop.requested:
                     acc.set_trigger()
                 if acc.check_trigger():  # collective: every rank stops at the same step
