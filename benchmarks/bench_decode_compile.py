@@ -1,8 +1,8 @@
 """Benchmark the decode step of GEARForCausalImageLM eager vs `torch.compile`d (inductor), random weights.
 
 For each model (`LlamaGen-B` class-conditional, `t2i-LlamaGen-B` text-conditional with a 300-position prefix; see
-`bench_sampling.py` for the sizes) at batch `--batch-size` with classifier-free guidance (`[cond; uncond]`, 2B
-rows per step), it reports as JSON:
+`bench_sampling.py` for the sizes) and batch size B with classifier-free guidance (`[cond; uncond]`, 2B rows per
+step), it reports as JSON:
 * compile time of the static-shape step (first call: dynamo trace + inductor codegen + C++ build, with an empty
   inductor cache), and again after `torch._dynamo.reset()` with inductor's FX-graph cache warm (a later process);
 * decode-step time over the whole raster, teacher-forced with the same tokens for every variant: the eager cached
@@ -11,20 +11,19 @@ rows per step), it reports as JSON:
   to other load), image tokens/s (B tokens per step), the per-position medians (flat for a static step), and the
   largest logit difference to the eager forward;
 * end-to-end greedy `generate_images` eager vs `compile=True` (compiled graph already built): seconds, image
-  tokens/s, and whether the token grids are identical; and the number of graphs dynamo built (one).
+  tokens/s, and whether the token grids are identical; and how many graphs dynamo built after the first call (0:
+  every later position and call reuses it) and graph breaks (0).
 
 Variants are timed in alternating rounds and the best round is kept (the CPU may be shared); each model runs in a
 fresh subprocess with its own empty inductor cache directory.
 
-    python benchmarks/bench_decode_compile.py [--models LlamaGen-B t2i-LlamaGen-B] [--batch-size 8]
+    python benchmarks/bench_decode_compile.py [--models LlamaGen-B t2i-LlamaGen-B] [--batch-sizes 8 1]
                                               [--guidance-scale 4] [--rounds 2] [--output bench.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import build_model, conditions  # noqa: E402  (same models and conditions)
+from bench_sampling import build_model, conditions, emit_report, run_isolated  # noqa: E402  (same models)
 
 
 def _filled_cache(model, condition):
@@ -106,7 +105,7 @@ def run_case(name: str, batch_size: int, guidance_scale: float, rounds: int, que
             torch._dynamo.reset()
             cache = _filled_cache(model, condition)
             start = time.perf_counter()
-            compiled(model, tokens[:, :1], cache, torch.tensor([config.prefix_length]))
+            compiled(model, tokens[:, :1].contiguous(), cache, torch.tensor([config.prefix_length]))
             compile_seconds.append(time.perf_counter() - start)
         result["compile_seconds"] = round(compile_seconds[0], 1)
         result["compile_seconds_fx_cache_warm"] = round(compile_seconds[1], 1)
@@ -154,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["LlamaGen-B", "t2i-LlamaGen-B"],
                         help="'small', LlamaGen presets, or 't2i-' + either (text-conditional)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="images per batch (2x rows)")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds per variant (best kept)")
     parser.add_argument("--output", default=None, help="also write the JSON here (atomically)")
@@ -162,26 +161,16 @@ def main() -> None:
     if args.guidance_scale <= 1:
         parser.error("--guidance-scale must be > 1 (the benchmark measures the [cond; uncond] CFG step)")
 
-    ctx = mp.get_context("spawn")
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
               platform.machine(), "dtype": "float32", "backend": "inductor", "load_average": os.getloadavg(),
               "results": []}
     for name in args.models:
-        with tempfile.TemporaryDirectory() as inductor_cache:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # cold compile; inherited by the subprocess
-            queue = ctx.Queue()
-            proc = ctx.Process(target=run_case, args=(name, args.batch_size, args.guidance_scale, args.rounds, queue))
-            proc.start()
-            report["results"].append(queue.get())
-            proc.join()
-        print(f"done: {name}", file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.output)
+        for batch_size in args.batch_sizes:
+            with tempfile.TemporaryDirectory() as inductor_cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # cold compile; inherited by the subprocess
+                report["results"].append(run_isolated(run_case, name, batch_size, args.guidance_scale, args.rounds))
+            print(f"done: {name} batch {batch_size}", file=sys.stderr)
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

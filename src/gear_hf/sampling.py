@@ -333,10 +333,12 @@ def generate_image_tokens(
     prefix every step (reference path, much slower). `callback(t)` is called after token t (raster index) of
     every sample has been drawn, e.g. to drive a progress bar. The model is put in eval mode for the call.
 
-    `compile=True` runs the decode steps through `torch.compile` (inductor, one static-shape graph; a
-    `transformers.CompileConfig` chooses other settings, e.g. `CompileConfig(backend="aot_eager", fullgraph=True,
-    dynamic=False)`); the prefill stays eager. The first call of a model architecture and batch size pays the
-    compilation, later calls reuse it. Tokens are those of the eager path (logits agree to float rounding).
+    `compile=True` runs the decode steps through `torch.compile` (`DEFAULT_COMPILE_CONFIG`: inductor, one
+    static-shape graph); a `transformers.CompileConfig` is passed to `torch.compile` as given (mind its own
+    defaults `fullgraph=False, dynamic=None, mode="reduce-overhead"`), e.g. `CompileConfig(backend="aot_eager",
+    fullgraph=True, dynamic=False, mode=None)`. The prefill stays eager. The first call of a model architecture and
+    batch size pays the compilation, later calls reuse it. In fp32 the tokens are those of the eager path (logits
+    agree to float rounding, ~1e-6); in bf16 a near-tie may round the other way.
     """
     config = model.config
     device = model.tok_embeddings.weight.device

@@ -137,9 +137,10 @@ class GEARKVCache:
         if key.shape[0] != self.batch_size:
             raise ValueError(f"The static decode step writes all {self.batch_size} rows of the cache, got "
                              f"{key.shape[0]}: shrink the cache with keep_rows({key.shape[0]}) first.")
-        self.keys[layer_idx].index_copy_(2, position, key)
-        self.values[layer_idx].index_copy_(2, position, value)
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, position, key.to(keys.dtype))
+        values.index_copy_(2, position, value.to(values.dtype))
+        return keys, values
 
     def step_mask(self, position: torch.Tensor) -> torch.Tensor:
         """`(batch_size or 1, 1, 1, max_length)` boolean: the cached keys a query at `position` may attend
@@ -633,7 +634,7 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
         filled cache -> next-token logits `(R, vocab_size)` fp32: the eager cached step with static shapes (the
         `torch.compile` target of sampling). Keys/values go in with `index_copy_`, the rotary row is picked by index
         and attention spans the whole cache under `cache.step_mask`, so no Python int changes between steps."""
-        hidden_states = self.tok_embeddings(input_ids)
+        hidden_states = self.tok_dropout(self.tok_embeddings(input_ids))
         rope_table = self.rope_table(input_ids.device).index_select(0, position)
         mask = cache.step_mask(position)
         for layer in self.layers:
