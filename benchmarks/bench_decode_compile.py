@@ -18,7 +18,7 @@ Variants are timed in alternating rounds and the best round is kept (the CPU may
 fresh subprocess with its own empty inductor cache directory.
 
     python benchmarks/bench_decode_compile.py [--models LlamaGen-B t2i-LlamaGen-B] [--batch-sizes 8 1]
-                                              [--guidance-scale 4] [--rounds 2] [--output bench.json]
+                                              [--guidance-scale 4] [--rounds 2] [--threads 1] [--output bench.json]
 """
 
 from __future__ import annotations
@@ -74,12 +74,14 @@ def _summary(wall: list[float], cpu: list[float], batch_size: int) -> dict:
             "image_tokens_per_s": round(1000 * batch_size / median, 1), "median_ms_by_position_bucket": medians}
 
 
-def run_case(name: str, batch_size: int, guidance_scale: float, rounds: int, queue) -> None:
+def run_case(name: str, batch_size: int, guidance_scale: float, rounds: int, threads: int | None, queue) -> None:
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from gear_hf.sampling import compiled_decode_one_token, decode_one_token
 
+    if threads:
+        torch.set_num_threads(threads)
     model = build_model(name)
     config = model.config
     cond, null, generate_kwargs = conditions(config, batch_size)
@@ -94,6 +96,7 @@ def run_case(name: str, batch_size: int, guidance_scale: float, rounds: int, que
         "static_compiled": lambda token, cache, position: compiled(model, token, cache, position),
     }
     result = {"model": name, "parameters_M": round(model.num_parameters() / 1e6, 2), "batch_size": batch_size,
+              "threads": torch.get_num_threads(),
               "guidance_scale": guidance_scale, "rows_per_step": rows, "cache_length": model.max_sequence_length,
               "decode_steps": tokens.shape[1]}
 
@@ -146,6 +149,7 @@ def run_case(name: str, batch_size: int, guidance_scale: float, rounds: int, que
     result["generate_images"]["grids_identical"] = bool(torch.equal(grids["eager"], grids["compiled"]))
     result["graphs_compiled_after_first_call"] = counters["stats"]["unique_graphs"] - graphs_before
     result["graph_breaks"] = sum(counters["graph_break"].values())
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]  # others' load on the shared CPU
     queue.put(result)
 
 
@@ -156,19 +160,22 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="images per batch (2x rows)")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=2, help="alternating timing rounds per variant (best kept)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's); 1 is steadier on a shared CPU")
     parser.add_argument("--output", default=None, help="also write the JSON here (atomically)")
     args = parser.parse_args()
     if args.guidance_scale <= 1:
         parser.error("--guidance-scale must be > 1 (the benchmark measures the [cond; uncond] CFG step)")
 
-    report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
+    report = {"torch": torch.__version__, "machine": platform.processor() or
               platform.machine(), "dtype": "float32", "backend": "inductor", "load_average": os.getloadavg(),
               "results": []}
     for name in args.models:
         for batch_size in args.batch_sizes:
             with tempfile.TemporaryDirectory() as inductor_cache:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache  # cold compile; inherited by the subprocess
-                report["results"].append(run_isolated(run_case, name, batch_size, args.guidance_scale, args.rounds))
+                report["results"].append(run_isolated(run_case, name, batch_size, args.guidance_scale, args.rounds,
+                                                      args.threads))
             print(f"done: {name} batch {batch_size}", file=sys.stderr)
     emit_report(report, args.output)
 
