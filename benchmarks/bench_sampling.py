@@ -13,6 +13,8 @@ noisy: the small model reports the best of 3 runs, LlamaGen-B a single run (comp
 
     python benchmarks/bench_sampling.py [--models small LlamaGen-B t2i-small t2i-LlamaGen-B] [--batch-size 2]
                                         [--guidance-scale 4] [--output bench.json] [--full-uncached]
+
+See `bench_decode_compile.py` for the decode step eager vs `torch.compile`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
@@ -177,6 +180,28 @@ def run_case(name: str, batch_size: int, guidance_scale: float, full_uncached: b
     queue.put(result)
 
 
+def run_isolated(target, *args):
+    """`target(*args, queue)` in a fresh spawned process (peak RSS and compile caches do not leak between cases);
+    returns what it put on the queue."""
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def emit_report(report: dict, output: str | None) -> None:
+    """Print the JSON report and, with `output`, write it atomically (a killed run leaves no truncated file)."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        partial = f"{output}.partial"
+        with open(partial, "w") as f:
+            f.write(text + "\n")
+        os.replace(partial, output)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["small", "LlamaGen-B", "t2i-small", "t2i-LlamaGen-B"],
@@ -187,22 +212,13 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args()
 
-    ctx = mp.get_context("spawn")
     report = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or
               platform.machine(), "dtype": "float32", "results": []}
     for name in args.models:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=run_case, args=(name, args.batch_size, args.guidance_scale, args.full_uncached,
-                                                  queue))
-        proc.start()
-        report["results"].append(queue.get())
-        proc.join()
+        report["results"].append(run_isolated(run_case, name, args.batch_size, args.guidance_scale,
+                                              args.full_uncached))
         print(f"done: {name}", file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

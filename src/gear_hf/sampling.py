@@ -1,7 +1,9 @@
 """Sampling image-token grids from a GEAR / LlamaGen model, class- or text-conditional.
 
 The loop is gpt-fast shaped: `prefill` runs the condition prefix (the class token, or the text positions),
-`decode_one_token` one step of the static KV cache, `decode_n_tokens` the rest of the raster. Classifier-free
+`decode_one_token` one step of the static KV cache, `decode_n_tokens` the rest of the raster. With `compile=True`
+the step is `torch.compile`d with static shapes (`compiled_decode_one_token`): its position is a tensor, so it is
+traced once per model architecture / row count / dtype / device, never per position. Classifier-free
 guidance runs the conditional and the unconditional sequence (null class, or the encoding of the empty prompt) as
 one doubled batch `[cond; uncond]` and mixes the logits as `u + s * (c - u)` before the temperature, exactly as the
 official samplers. Nothing is allocated per step except the model's own activations,
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from transformers import CompileConfig
 
 from .conditioning import GEARCondition
 
@@ -172,32 +175,69 @@ def prefill(model, condition: GEARCondition, cache) -> torch.Tensor:
     return model(**condition.model_kwargs(), cache=cache).logits[:, -1]
 
 
-def decode_one_token(model, token: torch.Tensor, cache) -> torch.Tensor:
-    """Feed one token per row `(rows, 1)`; returns the logits of the next position."""
+def decode_one_token(model, token: torch.Tensor, cache, position: torch.Tensor | None = None) -> torch.Tensor:
+    """Feed one token per row `(rows, 1)`; returns the logits of the next position. With `position` (a `(1,)`
+    LongTensor: the token's sequence position) it is the static-shape `model.decode_step`, the compile target;
+    without, the cached forward (which tracks the position in `cache.seq_length`)."""
+    if position is not None:
+        return model.decode_step(token, cache, position)
     return model(input_ids=token, cache=cache).logits[:, -1]
 
 
-def decode_n_tokens(model, cache, tokens: torch.Tensor, start: int,
-                    pick: TokenPicker, callback: Callable[[int], None] | None = None) -> None:
-    """Fill `tokens[:, start:]` in place; `tokens[:, start - 1]` must already hold a sampled token."""
+DEFAULT_COMPILE_CONFIG = CompileConfig(fullgraph=True, dynamic=False, backend="inductor", mode="default")
+_compiled_steps: dict[str, Callable] = {}
+
+
+def compiled_decode_one_token(compile_config: CompileConfig | None = None) -> Callable:
+    """`decode_one_token` under `torch.compile` with the `compile_config` settings, built once per settings (default:
+    inductor, one graph, static shapes). Dynamo keeps one graph per model architecture, row count, dtype and
+    device (its guards; models of one architecture share it): a new batch size compiles again, a new position
+    never does. Under guidance with a `guidance_interval` that is two graphs, `[cond; uncond]` rows and then the
+    conditional rows alone."""
+    config = compile_config or DEFAULT_COMPILE_CONFIG
+    # Not `config.to_dict()`: it deep-copies the backend (a callable backend must stay the caller's object).
+    kwargs = {name: getattr(config, name) for name in ("fullgraph", "dynamic", "backend", "mode", "options")}
+    key = repr(sorted(kwargs.items()))
+    if key not in _compiled_steps:
+        _compiled_steps[key] = torch.compile(decode_one_token, **kwargs)
+    return _compiled_steps[key]
+
+
+def decode_n_tokens(model, cache, tokens: torch.Tensor, start: int, pick: TokenPicker,
+                    callback: Callable[[int], None] | None = None, static_step: Callable | None = None) -> None:
+    """Fill `tokens[:, start:]` in place; `tokens[:, start - 1]` must already hold a sampled token.
+
+    `static_step`: a `decode_one_token` to call with a position tensor (compiled, or itself for the static step in
+    eager mode); None runs the cached forward. Once guidance stops the unconditional rows are no longer run: the
+    cached forward takes the leading rows of the cache, the static step (which writes whole buffers) drops the
+    others from the cache once."""
     batch_size = tokens.shape[0]
     feed = torch.empty(cache.batch_size, 1, dtype=torch.long, device=tokens.device)
+    step, position = decode_one_token, None
+    if static_step is not None:  # the position of token start - 1, advanced on the device: no new shapes, no sync
+        step = static_step
+        position = torch.full((1,), model.config.prefix_length + start - 1, dtype=torch.long, device=tokens.device)
     for t in range(start, tokens.shape[1]):
-        rows = cache.batch_size if pick.settings.is_guided(t) else batch_size  # unconditional half no longer read
+        guided = pick.settings.is_guided(t)
+        if static_step is not None and not guided and cache.batch_size > batch_size:
+            cache.keep_rows(batch_size)
+        rows = cache.batch_size if guided else batch_size
         feed.view(-1, batch_size)[:] = tokens[:, t - 1]  # same token for the cond and uncond rows
-        logits = decode_one_token(model, feed[:rows], cache)
+        logits = step(model, feed[:rows], cache, position)
+        if position is not None:
+            position += 1
         tokens[:, t] = pick(guide_logits(logits, batch_size, pick.settings.guidance_scale))
         if callback is not None:
             callback(t)
 
 
-def _sample_with_cache(model, condition: GEARCondition, tokens, pick, callback) -> None:
+def _sample_with_cache(model, condition: GEARCondition, tokens, pick, callback, static_step=None) -> None:
     cache = model.allocate_kv_cache(condition.batch_size)
     logits = prefill(model, condition, cache)
     tokens[:, 0] = pick(guide_logits(logits, tokens.shape[0], pick.settings.guidance_scale))
     if callback is not None:
         callback(0)
-    decode_n_tokens(model, cache, tokens, 1, pick, callback)
+    decode_n_tokens(model, cache, tokens, 1, pick, callback, static_step)
 
 
 def _sample_without_cache(model, condition: GEARCondition, tokens, pick, callback) -> None:
@@ -273,6 +313,7 @@ def generate_image_tokens(
     generator: torch.Generator | list[torch.Generator] | None = None,
     preset: str | SamplingConfig | None = None,
     use_cache: bool = True,
+    compile: bool | CompileConfig = False,
     callback: Callable[[int], None] | None = None,
 ) -> torch.LongTensor:
     """Sample image-token grids `(B, grid_size, grid_size)` for `class_labels` (B,) of a class-conditional model,
@@ -291,6 +332,13 @@ def generate_image_tokens(
     sample is reproducible whatever the batch size), or None (global RNG). `use_cache=False` recomputes the whole
     prefix every step (reference path, much slower). `callback(t)` is called after token t (raster index) of
     every sample has been drawn, e.g. to drive a progress bar. The model is put in eval mode for the call.
+
+    `compile=True` runs the decode steps through `torch.compile` (`DEFAULT_COMPILE_CONFIG`: inductor, one
+    static-shape graph); a `transformers.CompileConfig` is passed to `torch.compile` as given (mind its own
+    defaults `fullgraph=False, dynamic=None, mode="reduce-overhead"`), e.g. `CompileConfig(backend="aot_eager",
+    fullgraph=True, dynamic=False, mode=None)`. The prefill stays eager. The first call of a model architecture and
+    batch size pays the compilation, later calls reuse it. In fp32 the tokens are those of the eager path (logits
+    agree to float rounding, ~1e-6); in bf16 a near-tie may round the other way.
     """
     config = model.config
     device = model.tok_embeddings.weight.device
@@ -312,6 +360,11 @@ def generate_image_tokens(
             raise ValueError("All per-sample generators must live on the same device.")
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, a list of them or None; got {type(generator)}.")
+    if not isinstance(compile, (bool, CompileConfig)):
+        raise TypeError(f"compile must be True/False or a transformers.CompileConfig, got {type(compile).__name__}.")
+    if compile is not False and not use_cache:
+        raise ValueError("compile compiles the KV-cached decode step: it needs use_cache=True.")
+    static_step = compiled_decode_one_token(None if compile is True else compile) if compile is not False else None
 
     # 2. Conditioning rows: [cond; uncond] under guidance.
     if settings.guidance_scale > 1.0:
@@ -322,7 +375,10 @@ def generate_image_tokens(
     tokens = torch.empty(batch_size, config.num_image_tokens, dtype=torch.long, device=device)
     pick = TokenPicker(settings, batch_size, config.vocab_size, device, generator)
     with torch.no_grad(), _eval_mode(model):
-        (_sample_with_cache if use_cache else _sample_without_cache)(model, condition, tokens, pick, callback)
+        if use_cache:
+            _sample_with_cache(model, condition, tokens, pick, callback, static_step)
+        else:
+            _sample_without_cache(model, condition, tokens, pick, callback)
 
     grid = tokens.view(batch_size, config.grid_size, config.grid_size)
     grid.sampling_config = settings
@@ -339,6 +395,8 @@ __all__ = [
     "prefill",
     "decode_one_token",
     "decode_n_tokens",
+    "compiled_decode_one_token",
+    "DEFAULT_COMPILE_CONFIG",
     "generate_image_tokens",
     "model_condition",
     "unconditional",

@@ -89,11 +89,15 @@ class GEARSwiGLU(nn.Module):
 class GEARKVCache:
     """Static key/value buffers for incremental decoding, allocated once.
 
-    `keys`/`values` have shape `(num_layers, batch_size, num_heads, max_length, head_dim)`. Each attention layer
-    writes its new keys/values at positions `[seq_length, seq_length + q_len)` and reads the valid prefix back as
-    views; the model calls `advance(q_len)` once all layers ran. A call with fewer rows than `batch_size` updates
-    only the leading rows (used to drop the unconditional CFG half once guidance stops); the other rows then go
-    stale and must not be read again.
+    `keys[i]`/`values[i]` hold layer `i`, each of shape `(batch_size, num_heads, max_length, head_dim)`. Each
+    attention layer writes its new keys/values at positions `[seq_length, seq_length + q_len)` and reads the valid
+    prefix back as views; the model calls `advance(q_len)` once all layers ran. A call with fewer rows than
+    `batch_size` updates only the leading rows (used to drop the unconditional CFG half once guidance stops); the
+    other rows then go stale and must not be read again.
+
+    The static-shape decode step (`write`, `step_mask`) takes its position as a tensor instead, neither reads nor
+    advances `seq_length`, and writes every row: `keep_rows` shrinks the cache first. (Separate buffers per layer,
+    each written whole, let `torch.compile` update them in place instead of copying the cache every step.)
 
     Text models also keep `key_mask` `(batch_size, max_length)`: which cached positions may be attended (False for
     padded text positions, written when the text prefix runs; True elsewhere).
@@ -101,19 +105,19 @@ class GEARKVCache:
 
     def __init__(self, *, num_layers: int, batch_size: int, num_heads: int, head_dim: int, max_length: int,
                  dtype: torch.dtype, device: torch.device | str, with_key_mask: bool = False):
-        shape = (num_layers, batch_size, num_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, num_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device) if with_key_mask else None
         self.seq_length = 0
 
     @property
     def batch_size(self) -> int:
-        return self.keys.shape[1]
+        return self.keys[0].shape[0]
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[3]
+        return self.keys[0].shape[2]
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, start, end = key.shape[0], self.seq_length, self.seq_length + key.shape[2]
@@ -122,9 +126,37 @@ class GEARKVCache:
                 f"KV cache of batch {self.batch_size} x length {self.max_length} cannot take {rows} rows at "
                 f"positions [{start}, {end})."
             )
-        self.keys[layer_idx, :rows, :, start:end] = key
-        self.values[layer_idx, :rows, :, start:end] = value
-        return self.keys[layer_idx, :rows, :, :end], self.values[layer_idx, :rows, :, :end]
+        self.keys[layer_idx][:rows, :, start:end] = key
+        self.values[layer_idx][:rows, :, start:end] = value
+        return self.keys[layer_idx][:rows, :, :end], self.values[layer_idx][:rows, :, :end]
+
+    def write(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
+              position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static-shape update of `GEARForCausalImageLM.decode_step`: write every row's key/value at `position`
+        (a `(1,)` LongTensor, never a Python int) and return the whole buffers (attend under `step_mask`)."""
+        if key.shape[0] != self.batch_size:
+            raise ValueError(f"The static decode step writes all {self.batch_size} rows of the cache, got "
+                             f"{key.shape[0]}: shrink the cache with keep_rows({key.shape[0]}) first.")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, position, key.to(keys.dtype))
+        values.index_copy_(2, position, value.to(values.dtype))
+        return keys, values
+
+    def step_mask(self, position: torch.Tensor) -> torch.Tensor:
+        """`(batch_size or 1, 1, 1, max_length)` boolean: the cached keys a query at `position` may attend
+        (positions <= `position`, and valid per `key_mask` for text models)."""
+        mask = torch.arange(self.max_length, device=position.device) <= position
+        if self.key_mask is not None:
+            mask = mask & self.key_mask
+        return mask.view(-1, 1, 1, self.max_length)
+
+    def keep_rows(self, num_rows: int) -> None:
+        """Keep only the first `num_rows` rows (copied once into smaller buffers, layer by layer), e.g. the
+        conditional half of a CFG batch once guidance stops."""
+        self.keys = [k[:num_rows].clone() for k in self.keys]
+        self.values = [v[:num_rows].clone() for v in self.values]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[:num_rows].clone()
 
     def advance(self, num_positions: int) -> None:
         self.seq_length += num_positions
@@ -166,7 +198,8 @@ class GEARAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor, cache: GEARKVCache | None = None,
-                attention_mask: torch.Tensor | None = None, num_text: int = 0) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, num_text: int = 0,
+                position: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         heads = (batch, length, self.num_heads, self.head_dim)
         qkv = by_stream(hidden_states, num_text, getattr(self, "wqkv_text", None), self.wqkv)
@@ -176,7 +209,9 @@ class GEARAttention(nn.Module):
         value = value.view(heads).transpose(1, 2)
 
         past = 0
-        if cache is not None:
+        if position is not None:  # static decode step: the whole cache, under `attention_mask` (its step_mask)
+            key, value = cache.write(self.layer_idx, key, value, position)
+        elif cache is not None:
             past = cache.seq_length
             key, value = cache.update(self.layer_idx, key, value)
         mask = attention_mask
@@ -205,10 +240,11 @@ class GEARDecoderLayer(GradientCheckpointingLayer):
         self.feed_forward = GEARSwiGLU(config)
 
     def forward(self, hidden_states: torch.Tensor, rope_table: torch.Tensor, cache: GEARKVCache | None = None,
-                attention_mask: torch.Tensor | None = None, num_text: int = 0) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, num_text: int = 0,
+                position: torch.Tensor | None = None) -> torch.Tensor:
         normed = by_stream(hidden_states, num_text, getattr(self, "attention_norm_text", None), self.attention_norm)
-        hidden_states = hidden_states + self.attention(normed, rope_table, cache=cache,
-                                                       attention_mask=attention_mask, num_text=num_text)
+        hidden_states = hidden_states + self.attention(normed, rope_table, cache=cache, attention_mask=attention_mask,
+                                                       num_text=num_text, position=position)
         return hidden_states + self.feed_forward(self.ffn_norm(hidden_states))
 
 
@@ -595,6 +631,18 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
             if length == 1 and past >= c.text_length:  # decode step: every valid key is earlier (no alloc)
                 return key_valid[:, None, None, :]
         return text_attention_mask_for(key_valid, past, length, c.text_length, c.text_attention)
+
+    def decode_step(self, input_ids: torch.LongTensor, cache: GEARKVCache, position: torch.LongTensor) -> torch.Tensor:
+        """One image token per row `(R, 1)` at sequence `position` (a `(1,)` LongTensor; the prefix counts) into a
+        filled cache -> next-token logits `(R, vocab_size)` fp32: the eager cached step with static shapes (the
+        `torch.compile` target of sampling). Keys/values go in with `index_copy_`, the rotary row is picked by index
+        and attention spans the whole cache under `cache.step_mask`, so no Python int changes between steps."""
+        hidden_states = self.tok_dropout(self.tok_embeddings(input_ids))
+        rope_table = self.rope_table(input_ids.device).index_select(0, position)
+        mask = cache.step_mask(position)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, rope_table, cache=cache, attention_mask=mask, position=position)
+        return self.output(self.norm(hidden_states[:, -1])).float()
 
     def generate_images(self, class_labels: torch.LongTensor | None = None, **sampling_kwargs) -> torch.LongTensor:
         """Sample `(B, grid_size, grid_size)` image-token grids for class labels or text embeddings; see

@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
+from transformers import CompileConfig
 
 # Module-level imports on purpose: diffusers' loader finds component classes in `sys.modules` by the module path
 # written in model_index.json (e.g. "gear_hf.models.modeling_gear_tokenizer"). Keep these module paths stable.
@@ -286,6 +287,7 @@ class GEARPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        compile: bool | CompileConfig = False,
     ) -> GEARPipelineOutput | tuple:
         r"""Generate images of the given classes, or for the given prompts.
 
@@ -311,6 +313,8 @@ class GEARPipeline(DiffusionPipeline):
             output_type: `"pil"` (uint8 rounding of the official sampler), `"np"` / `"pt"` (float in [0, 1],
                 `VaeImageProcessor` layout), or `"latent"` (the int64 token grids, not decoded).
             return_dict: return a [`GEARPipelineOutput`] (else a tuple `(images,)`).
+            compile: `torch.compile` the transformer's decode step (True, or a `transformers.CompileConfig`); the
+                first call per batch size compiles, later ones reuse it (see `GEARForCausalImageLM.generate_images`).
         """
         # 1. Check inputs.
         sampling = dict(preset=preset, guidance_scale=guidance_scale, guidance_interval=guidance_interval,
@@ -344,7 +348,8 @@ class GEARPipeline(DiffusionPipeline):
         num_tokens = self.transformer.config.num_image_tokens
         with self.progress_bar(total=num_tokens) as progress_bar:
             tokens = self.transformer.generate_images(
-                **condition, preset=settings, generator=generator, callback=lambda _: progress_bar.update()
+                **condition, preset=settings, generator=generator, compile=compile,
+                callback=lambda _: progress_bar.update(),
             )
         settings = getattr(tokens, "sampling_config", settings)
 
