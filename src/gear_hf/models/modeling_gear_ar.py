@@ -309,6 +309,49 @@ def text_attention_mask_for(key_valid: torch.Tensor, past: int, length: int, tex
     return (allowed | (k == q)[None]).unsqueeze(1)
 
 
+def check_class_labels(config: GEARConfig, class_labels: torch.Tensor, *, allow_null: bool = True,
+                       check_values: bool = True) -> None:
+    """Raise ValueError unless every label is in [0, num_classes) or the embeddable null class.
+
+    The value check reads the labels back to the host; `check_values=False` checks only dtype and shape."""
+    if config.is_text_conditional:
+        raise ValueError("This model is text-conditional (condition_type='text'): pass text_embeds=(B, L, C) and "
+                         "text_attention_mask=(B, L) instead of class_labels.")
+    if class_labels.dim() != 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+        raise ValueError(f"class_labels must be a 1-D integer tensor (B,), got {class_labels.dtype} "
+                         f"{tuple(class_labels.shape)}.")
+    if class_labels.numel() == 0 or not check_values:
+        return
+    upper = config.num_classes + int(allow_null and config.has_null_class)  # exclusive
+    low, high = int(class_labels.min()), int(class_labels.max())
+    if low < 0 or high >= upper:
+        null_note = (f" (index {config.null_class_id} = null class)" if upper > config.num_classes else
+                     " (this model has no null class: class_dropout_prob == 0)" if allow_null else "")
+        raise ValueError(f"class_labels must lie in [0, {upper - 1}]{null_note}; got values in [{low}, {high}].")
+
+
+def check_text_condition(config: GEARConfig, text_embeds: torch.Tensor,
+                         text_attention_mask: torch.Tensor | None) -> None:
+    """Raise ValueError unless `text_embeds` is `(B, text_length, caption_dim)` with a matching `(B, L)` mask."""
+    if not config.is_text_conditional:
+        raise ValueError("This model is class-conditional (condition_type='class'): pass class_labels=(B,), not "
+                         "text_embeds.")
+    if text_embeds.dim() != 3 or not text_embeds.is_floating_point():
+        raise ValueError(f"text_embeds must be a float tensor (B, L, C), got {text_embeds.dtype} "
+                         f"{tuple(text_embeds.shape)}.")
+    if text_embeds.shape[-1] != config.caption_dim:
+        raise ValueError(
+            f"text_embeds have {text_embeds.shape[-1]} channels but this model's caption_dim is {config.caption_dim}: "
+            f"encode prompts with the text encoder the model was trained with (hidden size {config.caption_dim}), or "
+            f"build the model with GEARConfig(caption_dim={text_embeds.shape[-1]}, ...).")
+    if text_embeds.shape[1] != config.text_length:
+        raise ValueError(f"text_embeds have {text_embeds.shape[1]} positions but the model's text_length is "
+                         f"{config.text_length}: pad / truncate the prompts to {config.text_length} tokens.")
+    if text_attention_mask is not None and tuple(text_attention_mask.shape) != tuple(text_embeds.shape[:2]):
+        raise ValueError(f"text_attention_mask must be (B, L) = {tuple(text_embeds.shape[:2])}, got "
+                         f"{tuple(text_attention_mask.shape)}.")
+
+
 @dataclass
 class GEARCausalImageLMOutput(ModelOutput):
     """Output of [`GEARForCausalImageLM`].
@@ -427,45 +470,10 @@ class GEARForCausalImageLM(GEARHubMixin, GEARPreTrainedModel, GenerationMixin):
 
     def check_class_labels(self, class_labels: torch.Tensor, *, allow_null: bool = True,
                            check_values: bool = True) -> None:
-        """Raise ValueError unless every label is in [0, num_classes) or the embeddable null class.
-
-        The value check reads the labels back to the host; `check_values=False` checks only dtype and shape."""
-        c = self.config
-        if c.is_text_conditional:
-            raise ValueError("This model is text-conditional (condition_type='text'): pass text_embeds=(B, L, C) and "
-                             "text_attention_mask=(B, L) instead of class_labels.")
-        if class_labels.dim() != 1 or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be a 1-D integer tensor (B,), got {class_labels.dtype} "
-                             f"{tuple(class_labels.shape)}.")
-        if class_labels.numel() == 0 or not check_values:
-            return
-        upper = c.num_classes + int(allow_null and c.has_null_class)  # exclusive
-        low, high = int(class_labels.min()), int(class_labels.max())
-        if low < 0 or high >= upper:
-            null_note = (f" (index {c.null_class_id} = null class)" if upper > c.num_classes else
-                         " (this model has no null class: class_dropout_prob == 0)" if allow_null else "")
-            raise ValueError(f"class_labels must lie in [0, {upper - 1}]{null_note}; got values in [{low}, {high}].")
+        check_class_labels(self.config, class_labels, allow_null=allow_null, check_values=check_values)
 
     def check_text_condition(self, text_embeds: torch.Tensor, text_attention_mask: torch.Tensor | None) -> None:
-        """Raise ValueError unless `text_embeds` is `(B, text_length, caption_dim)` with a matching `(B, L)` mask."""
-        c = self.config
-        if not c.is_text_conditional:
-            raise ValueError("This model is class-conditional (condition_type='class'): pass class_labels=(B,), not "
-                             "text_embeds.")
-        if text_embeds.dim() != 3 or not text_embeds.is_floating_point():
-            raise ValueError(f"text_embeds must be a float tensor (B, L, C), got {text_embeds.dtype} "
-                             f"{tuple(text_embeds.shape)}.")
-        if text_embeds.shape[-1] != c.caption_dim:
-            raise ValueError(
-                f"text_embeds have {text_embeds.shape[-1]} channels but this model's caption_dim is {c.caption_dim}: "
-                f"encode prompts with the text encoder the model was trained with (hidden size {c.caption_dim}), or "
-                f"build the model with GEARConfig(caption_dim={text_embeds.shape[-1]}, ...).")
-        if text_embeds.shape[1] != c.text_length:
-            raise ValueError(f"text_embeds have {text_embeds.shape[1]} positions but the model's text_length is "
-                             f"{c.text_length}: pad / truncate the prompts to {c.text_length} tokens.")
-        if text_attention_mask is not None and tuple(text_attention_mask.shape) != tuple(text_embeds.shape[:2]):
-            raise ValueError(f"text_attention_mask must be (B, L) = {tuple(text_embeds.shape[:2])}, got "
-                             f"{tuple(text_attention_mask.shape)}.")
+        check_text_condition(self.config, text_embeds, text_attention_mask)
 
     def embed_image_tokens(self, input_ids: torch.Tensor | None = None, input_probs: torch.Tensor | None = None,
                            input_logits: torch.Tensor | None = None,
