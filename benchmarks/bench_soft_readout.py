@@ -23,11 +23,10 @@ the outputs and gradients. `sweep`: both paths' times at growing N*K (the basis 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -35,6 +34,9 @@ from gear_hf.models import quantizers
 from gear_hf.models.chunked_softmax import BLOCK_ELEMENTS
 from gear_hf.models.quantizers import entropy_loss, soft_embed
 from gear_hf.testing_utils import peak_allocated_bytes, saved_tensor_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampling import emit_report  # noqa: E402
 
 MIB = 1 << 20
 SWEEP = [(64, 1024, 256), (256, 4096, 256), (1024, 4096, 256), (512, 16384, 256), (1024, 16384, 256),
@@ -103,6 +105,24 @@ def time_ratios(chunked: dict, dense: dict, prefix: str = "") -> dict:
             f"{prefix}cpu_time_ratio": round(chunked["cpu_seconds"] / dense["cpu_seconds"], 3)}
 
 
+def headline(n: int, k: int, d: int, tau: float, repeats: int, generator: torch.Generator) -> dict:
+    """Dense vs chunked soft_embed (trainable and frozen embedding table) and entropy_loss at (N, K, D)."""
+    logits = (3 * torch.randn(n, k, generator=generator)).requires_grad_()
+    weight = (0.02 * torch.randn(k, d, generator=generator)).requires_grad_()
+    grad_out = torch.randn(n, d, generator=generator)
+    report = {}
+    for name, weight_grad in (("soft_embed", True), ("soft_embed_frozen_embedding", False)):
+        report[name] = compare(
+            lambda chunked: soft_embed_run(logits, weight, grad_out, tau, chunked, weight_grad),
+            lambda chunked: soft_embed(logits, weight if weight_grad else weight.detach(), tau, chunked=chunked),
+            (logits, weight), repeats)
+        print(f"done: {name}", file=sys.stderr)
+    report["entropy_loss"] = compare(lambda chunked: entropy_run(logits, chunked),
+                                     lambda chunked: entropy_loss(logits, chunked=chunked), (logits,), repeats)
+    print("done: entropy_loss", file=sys.stderr)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8192, help="N = batch x tokens (32 x 256)")
@@ -124,26 +144,14 @@ def main() -> None:
                  f"lower --rows or --codebook-size.")
 
     generator = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(n, k, generator=generator)).requires_grad_()
-    weight = (0.02 * torch.randn(k, d, generator=generator)).requires_grad_()
-    grad_out = torch.randn(n, d, generator=generator)
     tau = args.temperature
     report = {
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "dtype": "float32",
         "shape": {"N": n, "K": k, "D": d}, "dense_nk_tensor_mib": round(n * k * 4 / MIB, 1),
         "block_rows": max(1, BLOCK_ELEMENTS // k), "chunked_min_elements": quantizers.CHUNKED_MIN_ELEMENTS,
+        **headline(n, k, d, tau, args.repeats, generator),  # its (N, K) tensors are freed on return
     }
-    for name, weight_grad in (("soft_embed", True), ("soft_embed_frozen_embedding", False)):
-        report[name] = compare(
-            lambda chunked: soft_embed_run(logits, weight, grad_out, tau, chunked, weight_grad),
-            lambda chunked: soft_embed(logits, weight if weight_grad else weight.detach(), tau, chunked=chunked),
-            (logits, weight), args.repeats)
-        print(f"done: {name}", file=sys.stderr)
-    report["entropy_loss"] = compare(lambda chunked: entropy_run(logits, chunked),
-                                     lambda chunked: entropy_loss(logits, chunked=chunked), (logits,), args.repeats)
-    print("done: entropy_loss", file=sys.stderr)
-    del logits, weight, grad_out
 
     if not args.no_sweep:
         report["sweep"] = []
@@ -160,14 +168,7 @@ def main() -> None:
             report["sweep"].append(row)
             print(f"done: sweep {rows}x{size}", file=sys.stderr)
 
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:  # atomically: a killed run leaves no truncated file
-        partial = f"{args.output}.partial"
-        with open(partial, "w") as f:
-            f.write(text + "\n")
-        os.replace(partial, args.output)
-
+    emit_report(report, args.output)
 
 if __name__ == "__main__":
     main()
