@@ -1,5 +1,6 @@
 """Text-to-image training through the same loop: exact resume (single process and 2-process DDP on CPU), bf16
-DeepSpeed ZeRO-2 / FSDP2 against DDP, the exported text-to-image pipeline, stage 1 with a text-conditional AR, and the script / config errors.
+DeepSpeed ZeRO-2 / FSDP2 against DDP, the exported text-to-image pipeline, stage 1 with a text-conditional AR,
+and the script / config errors.
 
 Tiny preset `configs/tiny/t2i.yaml` (Fashion-MNIST images with captions from their labels, a tiny random Qwen3
 text encoder saved to a tmp dir, a fresh frozen tokenizer), fp32, one intra-op thread."""
