@@ -208,6 +208,16 @@ def test_text_stream_initialised_from_a_class_checkpoint(tmp_path):
     assert torch.equal(block.attention_norm_text.weight, c2i.layers[0].attention_norm.weight)
     assert torch.equal(t2i.layers[2].feed_forward.w1.weight, c2i.layers[2].feed_forward.w1.weight)
     assert not hasattr(t2i.layers[1].attention, "wqkv_text")
+    # strict on the image stream: a missing or extra class-conditional weight is an error, not a random init
+    state = c2i.state_dict()
+    for edit, match in ((lambda s: s.pop("layers.2.feed_forward.w2.weight"), "layers.2.feed_forward.w2.weight"),
+                        (lambda s: s.__setitem__("layers.0.extra", torch.zeros(1)), "layers.0.extra")):
+        broken = dict(state)
+        edit(broken)
+        with pytest.raises(CheckpointMismatchError, match=match):
+            load_t2i_from_official_checkpoint({"ema": broken}, image_size=IMAGE_SIZE, downsample_factor=4,
+                                              num_attention_heads=4, init_text_stream_from_class=True,
+                                              caption_dim=CAPTION_DIM, text_length=TEXT_LENGTH)
 
 
 def test_t2i_settings_precedence_and_cli(model, tmp_path, capsys):

@@ -307,6 +307,11 @@ def select_ar_state_dict(raw: Mapping, *, use_ema: bool) -> tuple[dict[str, torc
     return state, description
 
 
+# The condition module tells the two AR kinds apart: a caption projection (text) or a class table (class).
+CAPTION_PROJECTION_KEY = "cls_embedding.cap_proj.fc1.weight"
+CLASS_TABLE_KEY = "cls_embedding.embedding_table.weight"
+
+
 def infer_ar_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, int | str]:
     """Sizes readable from an AR state dict's shapes: vocab, hidden, layers, FFN width, and the condition:
     classes (class-conditional) or caption_dim and the number of dual-stream blocks (text-conditional).
@@ -314,8 +319,8 @@ def infer_ar_config_kwargs(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     The class table is assumed to carry the null-class row (`num_classes + 1` rows, as in every GEAR/LlamaGen
     c2i checkpoint trained with class dropout). The head count is not recoverable from shapes.
     """
-    text = "cls_embedding.cap_proj.fc1.weight" in state_dict
-    condition_key = "cls_embedding.cap_proj.fc1.weight" if text else "cls_embedding.embedding_table.weight"
+    text = CAPTION_PROJECTION_KEY in state_dict
+    condition_key = CAPTION_PROJECTION_KEY if text else CLASS_TABLE_KEY
     required = ("tok_embeddings.weight", condition_key, "layers.0.feed_forward.w1.weight",
                 "layers.0.attention.wqkv.weight")
     absent = [k for k in required if k not in state_dict]
@@ -411,7 +416,7 @@ def load_ar_from_official_checkpoint(
     """
     raw, where = _read_ar_checkpoint(path_or_checkpoint, allow_pickle)
     state, description = select_ar_state_dict(raw, use_ema=use_ema)
-    if "cls_embedding.cap_proj.fc1.weight" in state:
+    if CAPTION_PROJECTION_KEY in state:
         raise CheckpointMismatchError(f"The {where} is a text-to-image model (caption projection): load it with "
                                       "load_t2i_from_official_checkpoint (CLI: convert_checkpoint.py t2i).")
     config = ar_config_from_state_dict(state, image_size=image_size, downsample_factor=downsample_factor,
@@ -456,6 +461,13 @@ def t2i_settings(raw: Mapping, *, text_length: int | None = None, text_attention
     return settings, ", ".join(sources)
 
 
+_TEXT_STREAM_MODULES = ("wqkv_text", "wo_text", "attention_norm_text")
+
+
+def _is_new_in_text_warm_start(key: str) -> bool:
+    return key.startswith("cls_embedding.") or any(f".{name}." in key for name in _TEXT_STREAM_MODULES)
+
+
 def load_t2i_from_official_checkpoint(
     path_or_checkpoint: str | os.PathLike | Mapping,
     *,
@@ -486,7 +498,7 @@ def load_t2i_from_official_checkpoint(
     saved_args = raw.get("args") if isinstance(raw.get("args"), Mapping) else {}
     if preset is None and num_attention_heads is None and saved_args.get("ar_model") in LLAMAGEN_PRESETS:
         preset = saved_args["ar_model"]  # the size name the checkpoint was trained with
-    is_class = "cls_embedding.embedding_table.weight" in state and "cls_embedding.cap_proj.fc1.weight" not in state
+    is_class = CLASS_TABLE_KEY in state and CAPTION_PROJECTION_KEY not in state
     if is_class and not init_text_stream_from_class:
         raise CheckpointMismatchError(
             f"The {where} is class-conditional (cls_embedding.embedding_table, no caption projection). To start a "
@@ -505,7 +517,8 @@ def load_t2i_from_official_checkpoint(
                                            preset=preset, num_attention_heads=num_attention_heads,
                                            condition_type="text", caption_dim=caption_dim, **settings)
         model = GEARForCausalImageLM(config)
-        expected = {k: v for k, v in model.state_dict().items() if k in class_state}
+        # Strict on everything but what the warm start creates: the caption projection and the text stream.
+        expected = {k: v for k, v in model.state_dict().items() if not _is_new_in_text_warm_start(k)}
         check_state_dict(expected, class_state, what=f"image stream of the {where}")
         model.load_state_dict(class_state, strict=False)
         model.init_text_stream_from_image()
