@@ -11,7 +11,9 @@ from text_fixtures import byte_level_tokenizer, tiny_text_encoder
 from transformers import AutoModelForCausalLM
 
 from gear_hf import GEARConfig, GEARForCausalImageLM, GEARPipeline, GEARTokenizerConfig, GEARTokenizerModel
-from gear_hf.conversion import CheckpointMismatchError, load_t2i_from_official_checkpoint
+from gear_hf.conditioning import GEARCondition
+from gear_hf.conversion import (CheckpointMismatchError, load_ar_from_official_checkpoint,
+                                load_t2i_from_official_checkpoint)
 
 CODEBOOK, IMAGE_SIZE, TEXT_LENGTH, CAPTION_DIM = 64, 16, 12, 32  # tokenizer stride 4 -> 4x4 = 16 image tokens
 L = 16
@@ -148,6 +150,22 @@ def test_condition_errors(model, batch):
                                           num_attention_heads=2, image_size=IMAGE_SIZE, downsample_factor=4))
     with pytest.raises(ValueError, match="class-conditional .* not text_embeds"):
         c2i(tokens[:, :-1], text_embeds=text)
+    with pytest.raises(ValueError, match="Pass either class_labels or text_embeds, not both"):
+        model(tokens[:, :-1], torch.tensor([0, 1, 2]), text_embeds=text)
+    with pytest.raises(ValueError, match="The condition is empty"):
+        model.generate_images(text_embeds=text[:0], text_attention_mask=mask[:0])
+    null = text[:1] * 0
+    with pytest.raises(ValueError, match="unconditional condition has 2 rows; give 1 .broadcast. or 3"):
+        model.generate_images(text_embeds=text, text_attention_mask=mask, null_text_embeds=null.expand(2, -1, -1),
+                              guidance_scale=2.0)
+    with pytest.raises(ValueError, match="same kind .class or text."):
+        GEARCondition(text_embeds=text).with_unconditional(GEARCondition(class_labels=torch.tensor([4])))
+    with pytest.raises(ValueError, match="must share .L, C."):
+        GEARCondition(text_embeds=text).with_unconditional(GEARCondition(text_embeds=text[:1, :5]))
+    with pytest.raises(ValueError, match="holds either class_labels or text_embeds"):
+        GEARCondition()
+    with pytest.raises(ValueError, match=r"text_attention_mask must be \(B, L\) = \(3, 12\)"):
+        GEARCondition(text_embeds=text, text_attention_mask=mask[:, :5])
 
 
 def test_sampling_is_reproducible_per_sample_and_uses_the_text(model, batch):
@@ -218,6 +236,15 @@ def test_text_stream_initialised_from_a_class_checkpoint(tmp_path):
             load_t2i_from_official_checkpoint({"ema": broken}, image_size=IMAGE_SIZE, downsample_factor=4,
                                               num_attention_heads=4, init_text_stream_from_class=True,
                                               caption_dim=CAPTION_DIM, text_length=TEXT_LENGTH)
+
+
+def test_converters_refuse_the_other_kind(model):
+    t2i = {"ema": model.state_dict()}
+    with pytest.raises(CheckpointMismatchError, match="is a text-to-image model .* load_t2i_from_official_checkpoint"):
+        load_ar_from_official_checkpoint(t2i, image_size=IMAGE_SIZE, downsample_factor=4, num_attention_heads=4)
+    with pytest.raises(CheckpointMismatchError, match="already text-conditional: convert it without that option"):
+        load_t2i_from_official_checkpoint(t2i, image_size=IMAGE_SIZE, downsample_factor=4, num_attention_heads=4,
+                                          init_text_stream_from_class=True, caption_dim=CAPTION_DIM)
 
 
 def test_t2i_settings_precedence_and_cli(model, tmp_path, capsys):

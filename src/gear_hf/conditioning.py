@@ -2,8 +2,8 @@
 
 One home for the condition that the AR, the sampler, the training steps and the pipeline share. A
 `GEARCondition` holds either `class_labels` (B,) or `text_embeds` (B, L, C) + `text_attention_mask` (B, L) and
-knows the few operations they all need: its batch size, the keyword arguments of the AR's forward, row selection
-and repetition, and the classifier-free-guidance batch `[cond; uncond]`.
+knows the few operations they all need: its batch size, the keyword arguments of the AR's forward, row selection,
+and the classifier-free-guidance batch `[cond; uncond]`.
 """
 
 from __future__ import annotations
@@ -58,14 +58,9 @@ class GEARCondition:
         """The first `n` rows (e.g. the conditional half of a CFG batch)."""
         return self._map(lambda t: t[:n])
 
-    def repeat_interleave(self, repeats: int) -> GEARCondition:
-        """Each row `repeats` times, adjacent (`num_images_per_prompt`)."""
-        return self if repeats == 1 else self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def to(self, device=None, dtype: torch.dtype | None = None) -> GEARCondition:
-        """Move to `device`; `dtype` applies to the text embeddings only (labels and masks keep theirs)."""
+    def to(self, device) -> GEARCondition:
         if self.is_text:
-            return GEARCondition(text_embeds=self.text_embeds.to(device=device, dtype=dtype),
+            return GEARCondition(text_embeds=self.text_embeds.to(device),
                                  text_attention_mask=self.text_attention_mask.to(device))
         return GEARCondition(class_labels=self.class_labels.to(device))
 
