@@ -6,9 +6,10 @@ the step is `torch.compile`d with static shapes (`compiled_decode_one_token`): i
 traced once per model architecture / row count / dtype / device, never per position. Classifier-free
 guidance runs the conditional and the unconditional sequence (null class, or the encoding of the empty prompt) as
 one doubled batch `[cond; uncond]` and mixes the logits as `u + s * (c - u)` before the temperature, exactly as the
-official samplers. Nothing is allocated per step except the model's own activations,
-and nothing waits on the device (no `.item()`, no `torch.multinomial`): tokens are drawn with the Gumbel-max
-trick from per-row uniform noise, which makes per-sample generators possible.
+official samplers. The KV cache and the noise buffer are allocated once (a step allocates only activations and
+logit temporaries), and nothing waits on the device (no `.item()`, no `torch.multinomial`): tokens are drawn with
+the Gumbel-max trick from per-row uniform noise, which makes per-sample generators possible (with a list of
+generators, one `uniform_` per row: the only per-row work of a step).
 """
 
 from __future__ import annotations
