@@ -275,3 +275,46 @@ def test_ambiguous_name_and_guidance_without_null_class(components):
 def test_greedy_decoding_ignores_generators(pipe):
     a = pipe([2, 2], do_sample=False, generator=gens(0, 1), output_type="latent").images
     assert torch.equal(a[0], a[1])
+
+
+# ---------------------------------------------------------------------------------------------- text-to-image
+@pytest.fixture(scope="module")
+def t2i_pipe(components):
+    from text_fixtures import byte_level_tokenizer, tiny_text_encoder
+
+    vq_model, _ = components
+    tokenizer = byte_level_tokenizer()
+    transformer = tiny_ar(condition_type="text", caption_dim=32, text_length=8)
+    pipe = GEARPipeline(vq_model=vq_model, transformer=transformer, text_encoder=tiny_text_encoder(tokenizer),
+                        tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt must be an int >= 1, got 0"),
+        (dict(num_images_per_prompt=1.5), ValueError, "num_images_per_prompt must be an int >= 1, got 1.5"),
+        (dict(output_type="numpy"), ValueError, "output_type must be one of"),
+        (dict(generator=gens(0, 1)), ValueError, "2 generators for 1 images"),
+        (dict(top_p=0.0), ValueError, "top_p"),
+    ],
+)
+def test_text_to_image_bad_inputs_fail_before_encoding(t2i_pipe, kwargs, error, match):
+    forwards = []
+    hook = t2i_pipe.text_encoder.register_forward_pre_hook(lambda module, args: forwards.append(module))
+    try:
+        with pytest.raises(error, match=match):
+            t2i_pipe("a red car", guidance_scale=3.0, **kwargs)
+    finally:
+        hook.remove()
+    assert forwards == []  # neither the prompt nor the "" negative was encoded
+
+
+def test_text_to_image_resolves_sampling_settings_once(t2i_pipe):
+    with pytest.warns(UserWarning) as record:
+        out = t2i_pipe("a red car", preset="demo", generator=gens(0), output_type="latent")
+    clamps = [w for w in record if "exceeds the codebook size" in str(w.message)]
+    assert len(clamps) == 1 and out.sampling_config.top_k == CODEBOOK
+    assert out.prompts == ["a red car"] and out.images.shape == (1, 4, 4)

@@ -238,22 +238,27 @@ class GEARPipeline(DiffusionPipeline):
             )
         return settings
 
-    def _text_condition(self, prompt, prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
-                        negative_prompt_attention_mask, num_images_per_prompt, guided, device) -> dict[str, Any]:
-        """`generate_images` keyword arguments of a text-to-image call (prompts encoded here unless given)."""
-        prompts = None
+    def _text_prompts(self, prompt: Any, prompt_embeds: torch.Tensor | None) -> tuple[list[str] | None, int]:
+        """The prompts of a text-to-image call (None when `prompt_embeds` are given) and their count, without
+        running the text encoder."""
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("Pass either prompt or prompt_embeds, not both.")
+            return None, prompt_embeds.shape[0]
+        if prompt is None:
+            raise ValueError("This pipeline is text-to-image: pass prompt=... (or prompt_embeds).")
+        prompts = self._resolve_prompts(prompt)
+        return prompts, len(prompts)
+
+    def _text_condition(self, prompts, prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
+                        negative_prompt_attention_mask, num_images_per_prompt, guided, device) -> dict[str, Any]:
+        """`generate_images` keyword arguments of a text-to-image call (prompts encoded here unless given)."""
+        if prompts is None:
             embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, 0)
             mask = (None if prompt_attention_mask is None else
                     prompt_attention_mask.to(device).repeat_interleave(num_images_per_prompt, 0))
         else:
-            if prompt is None:
-                raise ValueError("This pipeline is text-to-image: pass prompt=... (or prompt_embeds).")
-            prompts = self._resolve_prompts(prompt)
             embeds, mask = self.encode_prompt(prompts, device, num_images_per_prompt)
-            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         kwargs = {"text_embeds": embeds, "text_attention_mask": mask}
         if guided:  # the unconditional half: the encoding of "" (official), or the caller's negative prompt
             if negative_prompt_embeds is None:
@@ -262,7 +267,7 @@ class GEARPipeline(DiffusionPipeline):
             kwargs.update(null_text_embeds=negative_prompt_embeds.to(device),
                           null_text_attention_mask=(None if negative_prompt_attention_mask is None
                                                     else negative_prompt_attention_mask.to(device)))
-        return {"prompts": prompts, "generate": kwargs, "count": embeds.shape[0] // num_images_per_prompt}
+        return kwargs
 
     # ------------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -325,13 +330,15 @@ class GEARPipeline(DiffusionPipeline):
             if class_labels is not None:
                 raise ValueError("This pipeline is text-to-image: pass prompt=... (class_labels are for a "
                                  "class-conditional pipeline).")
-            settings = resolve_sampling_config(vocab_size=self.transformer.config.vocab_size, **sampling)
+            prompts, count = self._text_prompts(prompt, prompt_embeds)
+            settings = self.check_inputs(count, n, generator, output_type, sampling)
             # 2. Encode the prompts (and the unconditional prompt under guidance).
-            text = self._text_condition(prompt, prompt_embeds, prompt_attention_mask, negative_prompt,
-                                        negative_prompt_embeds, negative_prompt_attention_mask, n,
-                                        settings.guidance_scale > 1.0, device)
-            settings = self.check_inputs(text["count"], n, generator, output_type, sampling)
-            condition, labels, prompts = text["generate"], None, text["prompts"]
+            condition = self._text_condition(prompts, prompt_embeds, prompt_attention_mask, negative_prompt,
+                                             negative_prompt_embeds, negative_prompt_attention_mask, n,
+                                             settings.guidance_scale > 1.0, device)
+            labels = None
+            if prompts is not None:
+                prompts = [p for p in prompts for _ in range(n)]
         else:
             if prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None:
                 raise ValueError("This pipeline is class-conditional (no text encoder): prompt_embeds and "
