@@ -139,6 +139,23 @@ def test_imagenet_names_and_id2label_setter(components, tmp_path):
         GEARPipeline(vq_model=vq_model, transformer=components[1], id2label="imagenet-1k")
 
 
+def test_every_unique_imagenet_name_selects_its_class(components):
+    from gear_hf.pipelines.class_labels import imagenet_id2label
+
+    names = imagenet_id2label()
+    counts = {}
+    for name in names.values():
+        counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    unique = {i: name for i, name in names.items() if counts[name.lower()] == 1}
+    pipe = GEARPipeline(vq_model=components[0], transformer=tiny_ar(num_classes=1000), id2label="imagenet-1k")
+    assert pipe.get_label_ids(list(unique.values())) == list(unique)
+    # e.g. 474 "cardigan" is also a synonym of 264 "Cardigan, Cardigan Welsh corgi"; both full names "crane" stay
+    # ambiguous
+    assert pipe.get_label_ids("cardigan") == [474] and {134, 517} <= set(names) - set(unique)
+    with pytest.raises(ValueError, match=r"ambiguous: classes \[134, 517\]"):
+        pipe(class_labels=["goldfish", "crane"])
+
+
 def test_progress_bar_counts_every_decoded_token(pipe, monkeypatch):
     steps = []
 
@@ -263,9 +280,14 @@ def test_bad_inputs_fail_before_sampling(pipe, monkeypatch, kwargs, error, match
 def test_ambiguous_name_and_guidance_without_null_class(components):
     vq_model, transformer = components
     # ImageNet has two "crane"s (the bird and the machine): a name shared by classes must not pick one silently
-    pipe = GEARPipeline(vq_model=vq_model, transformer=transformer, id2label={3: "crane", 5: "crane, derrick"})
+    pipe = GEARPipeline(vq_model=vq_model, transformer=transformer, id2label={3: "crane", 5: "crane"})
     with pytest.raises(ValueError, match=r"ambiguous: classes \[3, 5\]"):
         pipe("crane")
+    pipe.id2label = {3: "crane, grus", 5: "crane, derrick"}  # a synonym shared by two classes
+    with pytest.raises(ValueError, match=r"ambiguous: classes \[3, 5\]"):
+        pipe("crane")
+    pipe.id2label = {3: "crane", 5: "crane, derrick"}  # a class's full name wins over another's synonym
+    assert pipe.get_label_ids(["crane", "derrick", "Crane, Derrick"]) == [3, 5, 5]
     no_null = tiny_ar(class_dropout_prob=0.0)
     pipe = GEARPipeline(vq_model=vq_model, transformer=no_null)
     with pytest.raises(ValueError, match="null class"):
