@@ -266,6 +266,11 @@ def test_component_mismatch_errors(components):
         (dict(prompt="a photo of a cat"), ValueError, "Prompts need a text-to-image pipeline"),
         (dict(prompt_embeds=torch.zeros(1, 4, 8)), ValueError, "class-conditional .* text-to-image pipelines only"),
         (dict(prompt=1, class_labels=2), ValueError, "positionally or as class_labels"),
+        (dict(prompt=1, class_labels=[2, 3]), ValueError, r"Pass the classes once: positionally or as class_labels"),
+        (dict(class_labels=1, negative_prompt="blurry"), ValueError, r"class-conditional \(no text encoder\)"),
+        (dict(class_labels=1, negative_prompt_embeds=torch.zeros(1, 4, 8)), ValueError, r"\(no text encoder\)"),
+        (dict(class_labels=1, prompt_attention_mask=torch.ones(1, 4)), ValueError, r"\(no text encoder\)"),
+        (dict(class_labels=1, negative_prompt_attention_mask=torch.ones(1, 4)), ValueError, r"\(no text encoder\)"),
     ],
 )
 def test_bad_inputs_fail_before_sampling(pipe, monkeypatch, kwargs, error, match):

@@ -340,9 +340,11 @@ class GEARPipeline(DiffusionPipeline):
             if prompts is not None:
                 prompts = [p for p in prompts for _ in range(n)]
         else:
-            if prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None:
-                raise ValueError("This pipeline is class-conditional (no text encoder): prompt_embeds and "
-                                 "negative prompts apply to text-to-image pipelines only.")
+            text_inputs = (prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
+                           negative_prompt_attention_mask)
+            if any(x is not None for x in text_inputs):
+                raise ValueError("This pipeline is class-conditional (no text encoder): prompt_embeds, attention "
+                                 "masks and negative prompts apply to text-to-image pipelines only.")
             if prompt is not None and class_labels is not None:
                 raise ValueError("Pass the classes once: positionally or as class_labels=..., not both.")
             class_ids = resolve_class_labels(class_labels if class_labels is not None else prompt, self.id2label, self.num_classes)
