@@ -152,6 +152,9 @@ def test_every_unique_imagenet_name_selects_its_class(components):
     # e.g. 474 "cardigan" is also a synonym of 264 "Cardigan, Cardigan Welsh corgi"; both full names "crane" stay
     # ambiguous
     assert pipe.get_label_ids("cardigan") == [474] and {134, 517} <= set(names) - set(unique)
+    label2id = pipe.label2id  # consistent with get_label_ids
+    assert all(label2id[name.lower()] == i for i, name in unique.items())
+    assert label2id["cardigan welsh corgi"] == 264 and label2id["crane"] == 134
     with pytest.raises(ValueError, match=r"ambiguous: classes \[134, 517\]"):
         pipe(class_labels=["goldfish", "crane"])
 

@@ -64,6 +64,14 @@ def name_table(id2label: Mapping[int, str]) -> dict[str, list[int]]:
     return table
 
 
+def full_name_table(id2label: Mapping[int, str]) -> dict[str, list[int]]:
+    """Lower-cased full name (the whole `id2label` string) -> class ids carrying it."""
+    table: dict[str, list[int]] = {}
+    for class_id, name in id2label.items():
+        table.setdefault(name.strip().lower(), []).append(class_id)
+    return table
+
+
 def name_resolver(id2label: Mapping[int, str], num_classes: int) -> Callable[[str], int]:
     """A function mapping one class name (case-insensitive, any comma-separated synonym) to its class id; the name
     tables are built once here. A class's full name wins over another class's synonym (ImageNet 474 "cardigan" vs
@@ -73,10 +81,7 @@ def name_resolver(id2label: Mapping[int, str], num_classes: int) -> Callable[[st
             "This pipeline has no class names: pass integer class ids, or set names with "
             "GEARPipeline(..., id2label={0: 'tench', ...} or 'imagenet-1k') / pipe.id2label = {...}."
         )
-    full_names: dict[str, list[int]] = {}
-    for class_id, full_name in id2label.items():
-        full_names.setdefault(full_name.strip().lower(), []).append(class_id)
-    table = name_table(id2label)
+    full_names, table = full_name_table(id2label), name_table(id2label)
 
     def resolve(name: str) -> int:
         key = name.strip().lower()
@@ -136,5 +141,5 @@ def resolve_class_labels(class_labels: Any, id2label: Mapping[int, str], num_cla
     return ids
 
 
-__all__ = ["imagenet_id2label", "normalize_id2label", "is_placeholder_id2label", "name_table", "name_resolver",
-           "label_ids", "resolve_class_labels", "NAMED_LABEL_SETS"]
+__all__ = ["imagenet_id2label", "normalize_id2label", "is_placeholder_id2label", "name_table", "full_name_table",
+           "name_resolver", "label_ids", "resolve_class_labels", "NAMED_LABEL_SETS"]

@@ -26,6 +26,7 @@ from ..models.modeling_gear_tokenizer import GEARTokenizerModel
 from ..sampling import SamplingConfig, resolve_sampling_config
 from ..text_encoder import check_caption_dim, encode_prompts
 from .class_labels import (
+    full_name_table,
     imagenet_id2label,
     is_placeholder_id2label,
     label_ids,
@@ -179,8 +180,11 @@ class GEARPipeline(DiffusionPipeline):
 
     @property
     def label2id(self) -> dict[str, int]:
-        """Lower-cased name (the full string and each comma-separated synonym) -> class id (the first if shared)."""
-        return {name: ids[0] for name, ids in name_table(self.id2label).items()}
+        """Lower-cased name (the full string and each comma-separated synonym) -> class id: a class's own full
+        name first (as `get_label_ids`), else the first class carrying the name."""
+        table = {name: ids[0] for name, ids in name_table(self.id2label).items()}
+        table.update({name: ids[0] for name, ids in full_name_table(self.id2label).items() if len(ids) == 1})
+        return table
 
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """Map class names (case-insensitive, any comma-separated synonym) to class ids."""
