@@ -18,14 +18,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sampling import emit_report  # noqa: E402  (one atomic JSON writer for the benchmarks)
 
 
 def _best(fn, repeats: int) -> float:
@@ -105,8 +109,11 @@ def pool_features(cache: str | None) -> np.ndarray:
         gray = np.load(f)["images"]
     rgb = np.repeat(gray[..., None], 3, axis=-1)  # (N, 28, 28, 3) uint8, as the demo feeds them
     pool = InceptionExtractor(batch_size=50).adm_features(rgb)["pool"]
-    if cache:
-        np.savez(cache, pool=pool)
+    if cache:  # atomically: an interrupted 20-60 min run must not leave a truncated cache behind
+        partial = f"{cache}.partial.npz"
+        with open(partial, "wb") as f:  # a file object: np.savez appends no suffix
+            np.savez(f, pool=pool)
+        os.replace(partial, cache)
     return pool
 
 
@@ -147,11 +154,7 @@ def main() -> None:
               "distance_block": bench_distance_block(args.block_size)}
     if args.fid_bias:
         result["small_set_fid_bias"] = bench_small_set_fid_bias(args.fid_bias_features)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    emit_report(result, args.output)
 
 
 if __name__ == "__main__":

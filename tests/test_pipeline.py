@@ -139,6 +139,26 @@ def test_imagenet_names_and_id2label_setter(components, tmp_path):
         GEARPipeline(vq_model=vq_model, transformer=components[1], id2label="imagenet-1k")
 
 
+def test_every_unique_imagenet_name_selects_its_class(components):
+    from gear_hf.pipelines.class_labels import imagenet_id2label
+
+    names = imagenet_id2label()
+    counts = {}
+    for name in names.values():
+        counts[name.lower()] = counts.get(name.lower(), 0) + 1
+    unique = {i: name for i, name in names.items() if counts[name.lower()] == 1}
+    pipe = GEARPipeline(vq_model=components[0], transformer=tiny_ar(num_classes=1000), id2label="imagenet-1k")
+    assert pipe.get_label_ids(list(unique.values())) == list(unique)
+    # e.g. 474 "cardigan" is also a synonym of 264 "Cardigan, Cardigan Welsh corgi"; both full names "crane" stay
+    # ambiguous
+    assert pipe.get_label_ids("cardigan") == [474] and {134, 517} <= set(names) - set(unique)
+    label2id = pipe.label2id  # consistent with get_label_ids
+    assert all(label2id[name.lower()] == i for i, name in unique.items())
+    assert label2id["cardigan welsh corgi"] == 264 and label2id["crane"] == 134
+    with pytest.raises(ValueError, match=r"ambiguous: classes \[134, 517\]"):
+        pipe(class_labels=["goldfish", "crane"])
+
+
 def test_progress_bar_counts_every_decoded_token(pipe, monkeypatch):
     steps = []
 
@@ -249,6 +269,11 @@ def test_component_mismatch_errors(components):
         (dict(prompt="a photo of a cat"), ValueError, "Prompts need a text-to-image pipeline"),
         (dict(prompt_embeds=torch.zeros(1, 4, 8)), ValueError, "class-conditional .* text-to-image pipelines only"),
         (dict(prompt=1, class_labels=2), ValueError, "positionally or as class_labels"),
+        (dict(prompt=1, class_labels=[2, 3]), ValueError, r"Pass the classes once: positionally or as class_labels"),
+        (dict(class_labels=1, negative_prompt="blurry"), ValueError, r"class-conditional \(no text encoder\)"),
+        (dict(class_labels=1, negative_prompt_embeds=torch.zeros(1, 4, 8)), ValueError, r"\(no text encoder\)"),
+        (dict(class_labels=1, prompt_attention_mask=torch.ones(1, 4)), ValueError, r"\(no text encoder\)"),
+        (dict(class_labels=1, negative_prompt_attention_mask=torch.ones(1, 4)), ValueError, r"\(no text encoder\)"),
     ],
 )
 def test_bad_inputs_fail_before_sampling(pipe, monkeypatch, kwargs, error, match):
@@ -263,9 +288,14 @@ def test_bad_inputs_fail_before_sampling(pipe, monkeypatch, kwargs, error, match
 def test_ambiguous_name_and_guidance_without_null_class(components):
     vq_model, transformer = components
     # ImageNet has two "crane"s (the bird and the machine): a name shared by classes must not pick one silently
-    pipe = GEARPipeline(vq_model=vq_model, transformer=transformer, id2label={3: "crane", 5: "crane, derrick"})
+    pipe = GEARPipeline(vq_model=vq_model, transformer=transformer, id2label={3: "crane", 5: "crane"})
     with pytest.raises(ValueError, match=r"ambiguous: classes \[3, 5\]"):
         pipe("crane")
+    pipe.id2label = {3: "crane, grus", 5: "crane, derrick"}  # a synonym shared by two classes
+    with pytest.raises(ValueError, match=r"ambiguous: classes \[3, 5\]"):
+        pipe("crane")
+    pipe.id2label = {3: "crane", 5: "crane, derrick"}  # a class's full name wins over another's synonym
+    assert pipe.get_label_ids(["crane", "derrick", "Crane, Derrick"]) == [3, 5, 5]
     no_null = tiny_ar(class_dropout_prob=0.0)
     pipe = GEARPipeline(vq_model=vq_model, transformer=no_null)
     with pytest.raises(ValueError, match="null class"):
@@ -275,3 +305,46 @@ def test_ambiguous_name_and_guidance_without_null_class(components):
 def test_greedy_decoding_ignores_generators(pipe):
     a = pipe([2, 2], do_sample=False, generator=gens(0, 1), output_type="latent").images
     assert torch.equal(a[0], a[1])
+
+
+# ---------------------------------------------------------------------------------------------- text-to-image
+@pytest.fixture(scope="module")
+def t2i_pipe(components):
+    from text_fixtures import byte_level_tokenizer, tiny_text_encoder
+
+    vq_model, _ = components
+    tokenizer = byte_level_tokenizer()
+    transformer = tiny_ar(condition_type="text", caption_dim=32, text_length=8)
+    pipe = GEARPipeline(vq_model=vq_model, transformer=transformer, text_encoder=tiny_text_encoder(tokenizer),
+                        tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(num_images_per_prompt=0), ValueError, "num_images_per_prompt must be an int >= 1, got 0"),
+        (dict(num_images_per_prompt=1.5), ValueError, "num_images_per_prompt must be an int >= 1, got 1.5"),
+        (dict(output_type="numpy"), ValueError, "output_type must be one of"),
+        (dict(generator=gens(0, 1)), ValueError, "2 generators for 1 images"),
+        (dict(top_p=0.0), ValueError, "top_p"),
+    ],
+)
+def test_text_to_image_bad_inputs_fail_before_encoding(t2i_pipe, kwargs, error, match):
+    forwards = []
+    hook = t2i_pipe.text_encoder.register_forward_pre_hook(lambda module, args: forwards.append(module))
+    try:
+        with pytest.raises(error, match=match):
+            t2i_pipe("a red car", guidance_scale=3.0, **kwargs)
+    finally:
+        hook.remove()
+    assert forwards == []  # neither the prompt nor the "" negative was encoded
+
+
+def test_text_to_image_resolves_sampling_settings_once(t2i_pipe):
+    with pytest.warns(UserWarning) as record:
+        out = t2i_pipe("a red car", preset="demo", generator=gens(0), output_type="latent")
+    clamps = [w for w in record if "exceeds the codebook size" in str(w.message)]
+    assert len(clamps) == 1 and out.sampling_config.top_k == CODEBOOK
+    assert out.prompts == ["a red car"] and out.images.shape == (1, 4, 4)

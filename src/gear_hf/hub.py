@@ -115,7 +115,7 @@ def _tokenizer_facts(model: Any) -> dict[str, Any]:
 
 def _generator_facts(model: Any) -> dict[str, Any]:
     c = model.config
-    text = getattr(c, "is_text_conditional", False)
+    text = c.is_text_conditional
     if text:
         kind = f"text-conditional LlamaGen ({_size_name(c)}), first {c.num_double_stream_layers} blocks dual-stream"
         condition = (f"text: {c.text_length} positions of caption_dim {c.caption_dim} ({c.text_attention} "
@@ -129,8 +129,8 @@ def _generator_facts(model: Any) -> dict[str, Any]:
         "vocab_size": c.vocab_size,
         "num_classes": c.num_classes,
         "has_null_class": c.has_null_class,
-        "caption_dim": getattr(c, "caption_dim", None),
-        "text_length": getattr(c, "text_length", None),
+        "caption_dim": c.caption_dim,
+        "text_length": c.text_length,
         "image_size": c.image_size,
         "grid_size": c.grid_size,
         "num_image_tokens": c.num_image_tokens,
@@ -242,25 +242,21 @@ def create_model_card(
     repo_id = repo_id or f"<your-username>/<{kind}-repo>"
     presets = _sampling_presets()
 
-    facts: dict[str, Any] = {}
-    condition = "class-conditional"
-    if kind != "tokenizer":
-        ar = obj.transformer if kind == "pipeline" else obj
-        condition = "text-to-image" if ar.config.is_text_conditional else "class-conditional"
-    kind_tags = ["image-generation", "autoregressive", condition]
     if kind == "tokenizer":
         facts = _tokenizer_facts(obj)
         kind_tags = ["image-tokenizer", "vector-quantization", obj.config.quantizer]
-    elif kind == "generator":
-        facts = _generator_facts(obj)
-        kind_tags += ["llamagen"]
     else:
-        tok, gen, text = _tokenizer_facts(obj.vq_model), _generator_facts(obj.transformer), _text_encoder_facts(obj)
+        gen = _generator_facts(obj.transformer if kind == "pipeline" else obj)
+        condition = "text-to-image" if gen["text_to_image"] else "class-conditional"
+        kind_tags = ["image-generation", "autoregressive", condition, "llamagen"]
+        facts = gen
+    if kind == "pipeline":
+        tok, text = _tokenizer_facts(obj.vq_model), _text_encoder_facts(obj)
         facts = {**gen, **tok, **text, "image_size": obj.image_size}
         facts["architecture"] = [("vq_model: " + k, v) for k, v in tok["architecture"]] + [
             ("transformer: " + k, v) for k, v in gen["architecture"]] + ([text["text_encoder_row"]] if text else [])
         facts.update(_label_facts(obj))
-        kind_tags += ["llamagen", "image-tokenizer", obj.vq_model.config.quantizer]
+        kind_tags += ["image-tokenizer", obj.vq_model.config.quantizer]
         if pipeline_tag is None:  # class-conditional ImageNet generators use the unconditional task on the Hub
             pipeline_tag = "text-to-image" if condition == "text-to-image" else "unconditional-image-generation"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,18 +64,29 @@ def name_table(id2label: Mapping[int, str]) -> dict[str, list[int]]:
     return table
 
 
-def label_ids(label: str | Sequence[str], id2label: Mapping[int, str], num_classes: int) -> list[int]:
-    """Map class names (case-insensitive, any comma-separated synonym) to class ids."""
-    labels = [label] if isinstance(label, str) else list(label)
+def full_name_table(id2label: Mapping[int, str]) -> dict[str, list[int]]:
+    """Lower-cased full name (the whole `id2label` string) -> class ids carrying it."""
+    table: dict[str, list[int]] = {}
+    for class_id, name in id2label.items():
+        table.setdefault(name.strip().lower(), []).append(class_id)
+    return table
+
+
+def name_resolver(id2label: Mapping[int, str], num_classes: int) -> Callable[[str], int]:
+    """A function mapping one class name (case-insensitive, any comma-separated synonym) to its class id; the name
+    tables are built once here. A class's full name wins over another class's synonym (ImageNet 474 "cardigan" vs
+    264 "Cardigan, Cardigan Welsh corgi"); a name shared otherwise is ambiguous."""
     if not id2label:
         raise ValueError(
             "This pipeline has no class names: pass integer class ids, or set names with "
             "GEARPipeline(..., id2label={0: 'tench', ...} or 'imagenet-1k') / pipe.id2label = {...}."
         )
-    table = name_table(id2label)
-    ids = []
-    for name in labels:
+    full_names, table = full_name_table(id2label), name_table(id2label)
+
+    def resolve(name: str) -> int:
         key = name.strip().lower()
+        if len(full_names.get(key, ())) == 1:
+            return full_names[key][0]
         if key not in table:
             close = difflib.get_close_matches(key, list(table), n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
@@ -86,8 +97,15 @@ def label_ids(label: str | Sequence[str], id2label: Mapping[int, str], num_class
             matches = table[key]
             raise ValueError(f"Class name {name!r} is ambiguous: classes {matches} "
                              f"({', '.join(repr(id2label[i]) for i in matches)}). Pass the class id instead.")
-        ids.append(table[key][0])
-    return ids
+        return table[key][0]
+
+    return resolve
+
+
+def label_ids(label: str | Sequence[str], id2label: Mapping[int, str], num_classes: int) -> list[int]:
+    """Map class names (case-insensitive, any comma-separated synonym) to class ids (see `name_resolver`)."""
+    resolve = name_resolver(id2label, num_classes)
+    return [resolve(name) for name in ([label] if isinstance(label, str) else label)]
 
 
 def resolve_class_labels(class_labels: Any, id2label: Mapping[int, str], num_classes: int) -> list[int]:
@@ -108,10 +126,11 @@ def resolve_class_labels(class_labels: Any, id2label: Mapping[int, str], num_cla
                         f"{type(class_labels).__name__}.")
     if len(class_labels) == 0:
         raise ValueError("class_labels is empty; pass at least one class id or name.")
-    ids = []
+    ids, resolve = [], None
     for label in class_labels:
         if isinstance(label, str):
-            ids.extend(label_ids(label, id2label, num_classes))
+            resolve = resolve or name_resolver(id2label, num_classes)  # built once per call
+            ids.append(resolve(label))
         elif isinstance(label, numbers.Integral) and not isinstance(label, (bool, np.bool_)):
             if not 0 <= int(label) < num_classes:
                 raise ValueError(f"Class id {int(label)} is out of range: this generator has "
@@ -122,5 +141,5 @@ def resolve_class_labels(class_labels: Any, id2label: Mapping[int, str], num_cla
     return ids
 
 
-__all__ = ["imagenet_id2label", "normalize_id2label", "is_placeholder_id2label", "name_table", "label_ids",
-           "resolve_class_labels", "NAMED_LABEL_SETS"]
+__all__ = ["imagenet_id2label", "normalize_id2label", "is_placeholder_id2label", "name_table", "full_name_table",
+           "name_resolver", "label_ids", "resolve_class_labels", "NAMED_LABEL_SETS"]

@@ -26,6 +26,7 @@ from ..models.modeling_gear_tokenizer import GEARTokenizerModel
 from ..sampling import SamplingConfig, resolve_sampling_config
 from ..text_encoder import check_caption_dim, encode_prompts
 from .class_labels import (
+    full_name_table,
     imagenet_id2label,
     is_placeholder_id2label,
     label_ids,
@@ -179,8 +180,11 @@ class GEARPipeline(DiffusionPipeline):
 
     @property
     def label2id(self) -> dict[str, int]:
-        """Lower-cased name (the full string and each comma-separated synonym) -> class id (the first if shared)."""
-        return {name: ids[0] for name, ids in name_table(self.id2label).items()}
+        """Lower-cased name (the full string and each comma-separated synonym) -> class id: a class's own full
+        name first (as `get_label_ids`), else the first class carrying the name."""
+        table = {name: ids[0] for name, ids in name_table(self.id2label).items()}
+        table.update({name: ids[0] for name, ids in full_name_table(self.id2label).items() if len(ids) == 1})
+        return table
 
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """Map class names (case-insensitive, any comma-separated synonym) to class ids."""
@@ -238,22 +242,27 @@ class GEARPipeline(DiffusionPipeline):
             )
         return settings
 
-    def _text_condition(self, prompt, prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
-                        negative_prompt_attention_mask, num_images_per_prompt, guided, device) -> dict[str, Any]:
-        """`generate_images` keyword arguments of a text-to-image call (prompts encoded here unless given)."""
-        prompts = None
+    def _text_prompts(self, prompt: Any, prompt_embeds: torch.Tensor | None) -> tuple[list[str] | None, int]:
+        """The prompts of a text-to-image call (None when `prompt_embeds` are given) and their count, without
+        running the text encoder."""
         if prompt_embeds is not None:
             if prompt is not None:
                 raise ValueError("Pass either prompt or prompt_embeds, not both.")
+            return None, prompt_embeds.shape[0]
+        if prompt is None:
+            raise ValueError("This pipeline is text-to-image: pass prompt=... (or prompt_embeds).")
+        prompts = self._resolve_prompts(prompt)
+        return prompts, len(prompts)
+
+    def _text_condition(self, prompts, prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
+                        negative_prompt_attention_mask, num_images_per_prompt, guided, device) -> dict[str, Any]:
+        """`generate_images` keyword arguments of a text-to-image call (prompts encoded here unless given)."""
+        if prompts is None:
             embeds = prompt_embeds.to(device).repeat_interleave(num_images_per_prompt, 0)
             mask = (None if prompt_attention_mask is None else
                     prompt_attention_mask.to(device).repeat_interleave(num_images_per_prompt, 0))
         else:
-            if prompt is None:
-                raise ValueError("This pipeline is text-to-image: pass prompt=... (or prompt_embeds).")
-            prompts = self._resolve_prompts(prompt)
             embeds, mask = self.encode_prompt(prompts, device, num_images_per_prompt)
-            prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         kwargs = {"text_embeds": embeds, "text_attention_mask": mask}
         if guided:  # the unconditional half: the encoding of "" (official), or the caller's negative prompt
             if negative_prompt_embeds is None:
@@ -262,7 +271,7 @@ class GEARPipeline(DiffusionPipeline):
             kwargs.update(null_text_embeds=negative_prompt_embeds.to(device),
                           null_text_attention_mask=(None if negative_prompt_attention_mask is None
                                                     else negative_prompt_attention_mask.to(device)))
-        return {"prompts": prompts, "generate": kwargs, "count": embeds.shape[0] // num_images_per_prompt}
+        return kwargs
 
     # ------------------------------------------------------------------------------------------- call
     @torch.no_grad()
@@ -325,17 +334,21 @@ class GEARPipeline(DiffusionPipeline):
             if class_labels is not None:
                 raise ValueError("This pipeline is text-to-image: pass prompt=... (class_labels are for a "
                                  "class-conditional pipeline).")
-            settings = resolve_sampling_config(vocab_size=self.transformer.config.vocab_size, **sampling)
+            prompts, count = self._text_prompts(prompt, prompt_embeds)
+            settings = self.check_inputs(count, n, generator, output_type, sampling)
             # 2. Encode the prompts (and the unconditional prompt under guidance).
-            text = self._text_condition(prompt, prompt_embeds, prompt_attention_mask, negative_prompt,
-                                        negative_prompt_embeds, negative_prompt_attention_mask, n,
-                                        settings.guidance_scale > 1.0, device)
-            settings = self.check_inputs(text["count"], n, generator, output_type, sampling)
-            condition, labels, prompts = text["generate"], None, text["prompts"]
+            condition = self._text_condition(prompts, prompt_embeds, prompt_attention_mask, negative_prompt,
+                                             negative_prompt_embeds, negative_prompt_attention_mask, n,
+                                             settings.guidance_scale > 1.0, device)
+            labels = None
+            if prompts is not None:
+                prompts = [p for p in prompts for _ in range(n)]
         else:
-            if prompt_embeds is not None or negative_prompt is not None or negative_prompt_embeds is not None:
-                raise ValueError("This pipeline is class-conditional (no text encoder): prompt_embeds and "
-                                 "negative prompts apply to text-to-image pipelines only.")
+            text_inputs = (prompt_embeds, prompt_attention_mask, negative_prompt, negative_prompt_embeds,
+                           negative_prompt_attention_mask)
+            if any(x is not None for x in text_inputs):
+                raise ValueError("This pipeline is class-conditional (no text encoder): prompt_embeds, attention "
+                                 "masks and negative prompts apply to text-to-image pipelines only.")
             if prompt is not None and class_labels is not None:
                 raise ValueError("Pass the classes once: positionally or as class_labels=..., not both.")
             class_ids = resolve_class_labels(class_labels if class_labels is not None else prompt, self.id2label, self.num_classes)
