@@ -103,6 +103,13 @@ def test_gfid_without_classifier_and_bad_inputs(tmp_path, capsys):
              str(tmp_path / "nope.pth")], capsys)
 
 
+
+def test_a_subcommand_exit_status_reaches_the_shell(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["representation", "--model", "a=x", "--output-dir", str(tmp_path), "--batch-size", "0"], capsys)
+    assert exit_info.value.code == 2
+    assert "representation: error:" in capsys.readouterr().err
+
 # ------------------------------------------------------------------------------------------------ tokenizer / codebook
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):

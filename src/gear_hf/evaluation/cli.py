@@ -356,6 +356,8 @@ def main(subcommands: dict, argv=None) -> None:
         raise SystemExit(f"usage: evaluate.py {{{names}}} [options]  (evaluate.py SUBCOMMAND --help for each)")
     module, _, function = subcommands[argv[0]].partition(":")
     try:
-        getattr(importlib.import_module(module), function)(argv[1:])
+        code = getattr(importlib.import_module(module), function)(argv[1:])
     except (ValueError, KeyError, FileNotFoundError) as error:  # bad input: one line, no traceback
         raise SystemExit(f"evaluate.py {argv[0]}: error: {error.args[0] if error.args else error}") from error
+    if isinstance(code, int) and code:  # a subcommand reporting its own exit status (representation: 2)
+        raise SystemExit(code)
