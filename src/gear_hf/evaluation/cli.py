@@ -278,7 +278,9 @@ def _load_samples(path: str) -> np.ndarray:
 
 
 def fd_dinov2_main(argv=None) -> dict:
+    from .adm import check_sample_batch
     from .frechet import FD_METHODS
+    from .npz import NpzBatches
     from .text_to_image import GPIC_METRICS, DINOv2Extractor, gpic_metrics
 
     parser = _parser("fd-dinov2", "GPIC FD-DINOv2 with PRDC and MMD, as GEAR's src/eval/gpic/gpic_eval_dino.py.")
@@ -300,7 +302,8 @@ def fd_dinov2_main(argv=None) -> dict:
     reference = dict(np.load(args.reference))
     extractor = DINOv2Extractor.from_pretrained(args.dinov2, device=_device(args.device), batch_size=args.batch_size,
                                                 pos_embed=args.pos_embed)
-    features = extractor.features(_load_samples(samples_path))
+    check_sample_batch(samples_path)
+    features = extractor.features(NpzBatches(samples_path, batch_size=args.batch_size))  # streamed, not loaded whole
     result = gpic_metrics(features, reference, metrics=metrics, seed=args.metric_seed, fd_method=args.fd_method)
     result["config"] = {"samples": samples_path, "reference": args.reference, "dinov2": args.dinov2,
                         "pos_embed": args.pos_embed, "num_samples": len(features)}
