@@ -28,6 +28,8 @@ import zipfile
 import numpy as np
 import torch
 
+from .npz import npz_array_info
+
 logger = logging.getLogger(__name__)
 
 LABEL_MODES = ("uniform", "balanced")
@@ -85,8 +87,9 @@ def _shard_ok(path: str, indices: np.ndarray) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        with np.load(path) as shard:
-            return np.array_equal(shard["indices"], indices) and shard["images"].shape[0] == len(indices)
+        with np.load(path) as shard:  # the images' row count from their header, not by decompressing them
+            return (np.array_equal(shard["indices"], indices)
+                    and npz_array_info(path, "images").shape[0] == len(indices))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
         logger.warning("Shard %s is unreadable; sampling it again.", path)
         return False
@@ -214,8 +217,8 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
 
     samples_path = os.path.join(output_dir, "samples.npz")
     if accelerator.is_main_process:
+        shape = (num_images, *npz_array_info(shard_paths[0], "images").shape[1:])
         with np.load(shard_paths[0]) as first:
-            shape = (num_images, *first["images"].shape[1:])
             sampling_config = json.loads(str(first["sampling_config"]))
         _write_samples_npz(samples_path, shard_paths, shape, labels)
         _write_json(os.path.join(output_dir, "samples.json"), {
