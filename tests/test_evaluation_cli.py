@@ -189,6 +189,21 @@ def test_evaluate_module_matches_the_plain_functions():
     assert result == pytest.approx(psnr_l1_ssim(as_01(recon), as_01(gt)), rel=1e-6)
 
 
+def test_evaluate_module_scales_a_near_black_prediction_like_its_reference():
+    evaluate = pytest.importorskip("evaluate", reason="the `evaluate` package (gear_hf[eval]) is not installed")
+
+    from gear_hf.evaluation import metric_path
+    from gear_hf.evaluation.tokenizer_metrics import psnr_l1_ssim
+
+    gt = uint8_images(2, 16, 6)
+    recon = np.random.default_rng(7).integers(0, 2, gt.shape, dtype=np.uint8)  # uint8 with max 1: still 0-255
+    metric = evaluate.load(metric_path("gear_reconstruction"))
+    metric.add_batch(predictions=list(recon), references=list(gt))
+    result = metric.compute(rfid=False)
+    as_01 = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
+    assert result == pytest.approx(psnr_l1_ssim(as_01(recon), as_01(gt)), rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ text-to-image
 @pytest.fixture(scope="module")
 def dinov2_dir(tmp_path_factory):
