@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..training.codebook_stats import CodebookUsage, usage_statistics
+from ..training.gear_step import to_signed_unit
 
 TOP_K = (1, 10, 100, 1000)
 
@@ -20,13 +21,15 @@ def codebook_counts(tokenizer, batches, device: str | torch.device = "cpu", prog
     from tqdm.auto import tqdm
 
     usage = CodebookUsage(tokenizer.config.codebook_size, device=device)
-    was_training = tokenizer.training
+    was_training, was_checking = tokenizer.training, tokenizer.check_input_range
     tokenizer.eval()
+    tokenizer.check_input_range = False  # inputs are built from uint8: no per-batch host sync for the range check
     try:
         for batch in tqdm(batches, desc="codebook usage", disable=not progress):
-            usage.update(tokenizer.encode(batch.to(device).float() / 127.5 - 1.0).indices)
+            usage.update(tokenizer.encode(to_signed_unit(batch.to(device))).indices)
     finally:
         tokenizer.train(was_training)
+        tokenizer.check_input_range = was_checking
     return usage.counts.cpu()
 
 
