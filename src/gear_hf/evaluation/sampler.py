@@ -104,7 +104,7 @@ def _save_png(path: str, image: np.ndarray) -> None:
 
 
 @torch.no_grad()
-def _sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, image_size_eval: int | None,
+def sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, image_size_eval: int | None,
                   device: torch.device) -> tuple[np.ndarray, dict]:
     """uint8 NHWC images of one batch, and the pipeline's resolved sampling settings."""
     from ..pipelines.pipeline_gear import to_uint8
@@ -200,9 +200,9 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
             parts = []
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
-                images, config = _sample_batch(pipe, [conditions[i] for i in batch],
-                                               [image_seed(seed, int(i)) for i in batch], sampling,
-                                               image_size_eval, accelerator.device)
+                images, config = sample_batch(pipe, [conditions[i] for i in batch],
+                                              [image_seed(seed, int(i)) for i in batch], sampling,
+                                              image_size_eval, accelerator.device)
                 parts.append(images)
                 bar.update(len(batch))
             images = np.concatenate(parts)
@@ -231,4 +231,4 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
     return samples_path
 
 
-__all__ = ["EVAL_PRESETS", "LABEL_MODES", "class_labels_for", "image_seed", "sample_for_evaluation"]
+__all__ = ["EVAL_PRESETS", "LABEL_MODES", "class_labels_for", "image_seed", "sample_batch", "sample_for_evaluation"]
