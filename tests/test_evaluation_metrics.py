@@ -3,6 +3,7 @@ reference implementations installed here (torch-fidelity, scikit-image) — the 
 
 import math
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from gear_hf.evaluation import adm, frechet, sampler
 from gear_hf.evaluation.codebook import codebook_report
 from gear_hf.evaluation.frechet import FIDStatistics, frechet_distance, frechet_distance_stats
 from gear_hf.evaluation.inception import check_uint8_images, tf1_resize_bilinear
+from gear_hf.evaluation.npz import npz_array_info
 from gear_hf.evaluation.text_to_image import clip_score_summary, coco_preprocess, polynomial_mmd, prdc
 from gear_hf.evaluation.tokenizer_metrics import psnr_l1_ssim, ssim
 
@@ -267,6 +269,11 @@ def test_bad_images_and_files_give_one_clear_error(tmp_path):
     text.write_text("not a zip")
     with pytest.raises(ValueError, match="not an .npz archive"):
         adm.check_sample_batch(text)
+    v3 = tmp_path / "v3.npz"
+    with zipfile.ZipFile(v3, "w") as archive, archive.open("arr_0.npy", "w") as member:
+        np.lib.format.write_array(member, np.zeros((2, 8, 8, 3), np.uint8), version=(3, 0))
+    with pytest.raises(ValueError, match="unsupported .npy format 3.0"):
+        npz_array_info(v3)
 
 
 def test_small_sets_warn_or_fail():
