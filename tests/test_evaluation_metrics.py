@@ -357,3 +357,16 @@ def test_missing_pretrained_networks_name_the_option(tmp_path):
         DINOv2Extractor.from_pretrained(str(tmp_path / "no-dinov2"))
     with pytest.raises(FileNotFoundError, match="Pass --clip with a local directory"):
         CLIPScorer.from_pretrained(str(tmp_path / "no-clip"))
+
+
+def test_atomic_writes_keep_the_suffix_for_format_inference(tmp_path):
+    from PIL import Image
+
+    from gear_hf.evaluation.files import save_atomically, savez_atomically
+
+    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    save_atomically(Image.fromarray(image).save, tmp_path / "a.png")  # PIL picks PNG from the temp name's suffix
+    savez_atomically(tmp_path / "shard", images=image)  # no .npz suffix: np.savez must not append one
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
+    np.testing.assert_array_equal(np.load(tmp_path / "shard")["images"], image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "shard"]

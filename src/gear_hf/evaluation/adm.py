@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .files import savez_atomically
 from .frechet import FIDStatistics, frechet_distance_stats
 from .inception import SUPPLY_WEIGHTS_HINT, InceptionExtractor
 from .npz import NpzBatches, npz_array_info, npz_keys
@@ -219,10 +220,7 @@ def batch_activations(path: str | os.PathLike, extractor: InceptionExtractor, ca
     check_sample_batch(path)
     activations = extractor.adm_features(NpzBatches(path, batch_size=extractor.batch_size), desc=desc)
     if cache_file is not None:
-        tmp = cache_file + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: v for k, v in activations.items() if v is not None})
-        os.replace(tmp, cache_file)
+        savez_atomically(cache_file, **{k: v for k, v in activations.items() if v is not None})
     return activations
 
 

@@ -35,10 +35,9 @@ def _emit(result: dict, args) -> dict:
     print(text)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.output)
+        from .files import save_atomically
+
+        save_atomically(lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), args.output)
     if args.record_dir:
         try:
             import evaluate

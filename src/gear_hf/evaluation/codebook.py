@@ -11,6 +11,7 @@ import torch
 
 from ..training.codebook_stats import CodebookUsage, usage_statistics
 from ..training.gear_step import to_signed_unit
+from .files import save_atomically
 
 TOP_K = (1, 10, 100, 1000)
 
@@ -58,10 +59,8 @@ def plot_sorted_usage(counts: torch.Tensor, path: str | os.PathLike, title: str 
     right.plot(ranks, np.cumsum(freq), color="C1")
     right.set(ylabel="cumulative mass", ylim=(0, 1.02))
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    save_atomically(fig.savefig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = ["TOP_K", "codebook_counts", "codebook_report", "plot_sorted_usage"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 from ..pipelines import GEARPipeline
 from ..training.config import TrainingConfig
 from ..training.trainer import run_training
+from .files import save_atomically
 from .frechet import FIDStatistics, frechet_distance_stats
 from .inception import InceptionExtractor
 from .sampler import EVAL_PRESETS, class_labels_for, image_seed, sample_batch
@@ -178,9 +178,7 @@ def plot_report(report: dict[str, dict], path: Path) -> None:
     for ax in axes[2:]:
         ax.tick_params(axis="x", rotation=30, labelsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_atomically(lambda tmp: fig.savefig(tmp, dpi=110), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_arms(runs, num_images=args.num_images, image_size=args.image_size, extractor=extractor)
     summary = {"seconds": round(time.perf_counter() - start, 1), "steps": {"stage0": args.stage0_steps,
                "stage1": args.stage1_steps, "stage2": args.stage2_steps}, "arms": report}
-    tmp = output_dir / "comparison.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, output_dir / "comparison.json")
+    save_atomically(lambda tmp: tmp.write_text(json.dumps(summary, indent=2)), output_dir / "comparison.json")
     plot_report(report, output_dir / "comparison.png")
     for arm, row in report.items():
         print(f"{arm:26s} final NTP {row['stage2_ntp_curve'][-1][1] if row['stage2_ntp_curve'] else float('nan'):.3f}"

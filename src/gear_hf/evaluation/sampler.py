@@ -28,6 +28,7 @@ import zipfile
 import numpy as np
 import torch
 
+from .files import save_atomically, savez_atomically
 from .npz import npz_array_info
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,8 @@ def _digest(values) -> str:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    save_atomically(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
 
 
 def _check_plan(shard_dir: str, plan: dict) -> None:
@@ -98,9 +97,7 @@ def _shard_ok(path: str, indices: np.ndarray) -> bool:
 def _save_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    save_atomically(Image.fromarray(image).save, path)
 
 
 @torch.no_grad()
@@ -124,19 +121,21 @@ def sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, image
 
 def _write_samples_npz(path: str, shard_paths: list[str], shape: tuple[int, ...], labels: np.ndarray | None) -> None:
     """Stream the shards into one ADM `.npz` (arr_0 images, arr_1 labels) without holding all images in memory."""
-    tmp = f"{path}.tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                      "shape": shape}
-            np.lib.format.write_array_header_2_0(member, header)
-            for shard_path in shard_paths:
-                with np.load(shard_path) as shard:
-                    member.write(np.ascontiguousarray(shard["images"]).tobytes())
-        if labels is not None:
-            with archive.open("arr_1.npy", "w") as member:
-                np.lib.format.write_array(member, labels)
-    os.replace(tmp, path)
+
+    def write(tmp) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_2_0(member, header)
+                for shard_path in shard_paths:
+                    with np.load(shard_path) as shard:
+                        member.write(np.ascontiguousarray(shard["images"]).tobytes())
+            if labels is not None:
+                with archive.open("arr_1.npy", "w") as member:
+                    np.lib.format.write_array(member, labels)
+
+    save_atomically(write, path)
 
 
 def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: int | None = None,
@@ -209,10 +208,7 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
             if save_png:
                 for index, image in zip(indices, images):
                     _save_png(os.path.join(png_dir, f"{index:06d}.png"), image)
-            tmp = shard_paths[s] + ".tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images, indices=indices, sampling_config=json.dumps(config))
-            os.replace(tmp, shard_paths[s])
+            savez_atomically(shard_paths[s], images=images, indices=indices, sampling_config=json.dumps(config))
     accelerator.wait_for_everyone()
 
     samples_path = os.path.join(output_dir, "samples.npz")
