@@ -110,6 +110,17 @@ def test_a_subcommand_exit_status_reaches_the_shell(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "representation: error:" in capsys.readouterr().err
 
+
+def test_unknown_metrics_and_captionless_prompts_are_named(tmp_path):
+    from gear_hf.evaluation.cli import _metrics, read_prompts
+
+    with pytest.raises(SystemExit, match="--metrics: unknown \\['bogus'\\]"):
+        _metrics("fid,bogus", ("fid", "sfid"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"caption": "a cat"}) + "\n" + json.dumps({"key": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="prompts.jsonl:2 has no 'caption', 'prompt' or 'text' field"):
+        read_prompts(str(prompts))
+
 # ------------------------------------------------------------------------------------------------ tokenizer / codebook
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):

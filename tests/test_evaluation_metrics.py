@@ -370,3 +370,28 @@ def test_atomic_writes_keep_the_suffix_for_format_inference(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
     np.testing.assert_array_equal(np.load(tmp_path / "shard")["images"], image)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "shard"]
+
+
+def test_truncated_unreadable_empty_and_too_small_inputs_are_named(tmp_path):
+    from gear_hf.evaluation.npz import iter_npz_batches
+    from gear_hf.evaluation.tokenizer_metrics import EvalImages, EvalTransform, reconstruction_metrics
+
+    truncated = tmp_path / "truncated.npz"
+    with zipfile.ZipFile(truncated, "w") as archive, archive.open("arr_0.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (4, 8, 8, 3)})
+        member.write(bytes(3 * 8 * 8 * 3))  # three of the four images
+    with pytest.raises(ValueError, match="arr_0 is truncated"):
+        list(iter_npz_batches(truncated, batch_size=2))
+    rows = [{"image": {"path": "broken.png", "bytes": b"not an image"}}]
+    with pytest.raises(ValueError, match="Cannot read evaluation image broken.png"):
+        list(EvalImages(rows, EvalTransform(8)))
+    tokenizer = torch.nn.Module()
+    tokenizer.check_input_range = True
+    with pytest.raises(ValueError, match="The evaluation set is empty"):
+        reconstruction_metrics(tokenizer, [], progress=False)
+    assert tokenizer.check_input_range and tokenizer.training  # restored after the failure
+    one, reference = tmp_path / "one.npz", tmp_path / "ref.npz"
+    np.savez(one, arr_0=rng(3).integers(0, 256, (1, 4, 4, 3), dtype=np.uint8))
+    np.savez(reference, arr_0=rng(4).integers(0, 256, (20, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="FID needs at least 2 samples"):
+        adm.evaluate_sample_batch(one, reference, FakeExtractor(), metrics=("fid",))
