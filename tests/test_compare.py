@@ -2,13 +2,22 @@
 comparison report (tiny presets, 2 steps per run, a random-weight Inception saved to a file)."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from gear_hf.evaluation.compare import ARMS, main, steps_to_reach
+from gear_hf import GEARPipeline
+from gear_hf.evaluation.compare import ARMS, main, sample_fid, steps_to_reach
+from gear_hf.evaluation.frechet import FIDStatistics
 from gear_hf.evaluation.inception import FIDInceptionV3
+from gear_hf.evaluation.sampler import sample_for_evaluation
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_pipeline import NAMES, tiny_ar, tiny_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +34,27 @@ def test_arms_cover_the_paper_ablations():
     assert set(ARMS) == {"llamagen_repa", "gear", "gear_no_tokenizer_align", "straight_through",
                          "straight_through_ntp"}
     assert ARMS["llamagen_repa"] is None and ARMS["gear"] == []
+
+
+class RecordingExtractor:
+    """Keeps the images it is given; its "pool features" are a few of their pixels."""
+
+    def __init__(self):
+        self.images = []
+
+    def adm_features(self, images):
+        self.images.append(np.asarray(images))
+        return {"pool": np.asarray(images).reshape(len(images), -1)[:, :3].astype(np.float64)}
+
+
+def test_sample_fid_scores_the_images_of_evaluate_py_sample(tmp_path):
+    torch.manual_seed(0)
+    pipe = GEARPipeline(vq_model=tiny_tokenizer(), transformer=tiny_ar(), id2label=NAMES)
+    expected = np.load(sample_for_evaluation(pipe, tmp_path, num_images=5, batch_size=4, seed=3))["arr_0"]
+    extractor = RecordingExtractor()
+    reference = FIDStatistics.from_features(np.random.default_rng(0).normal(size=(8, 3)))
+    assert sample_fid(pipe, 5, reference, extractor, seed=3, batch_size=2) > 0
+    np.testing.assert_array_equal(np.concatenate(extractor.images), expected)
 
 
 def test_reproduce_end_to_end(tmp_path):

@@ -103,6 +103,24 @@ def test_gfid_without_classifier_and_bad_inputs(tmp_path, capsys):
              str(tmp_path / "nope.pth")], capsys)
 
 
+
+def test_a_subcommand_exit_status_reaches_the_shell(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["representation", "--model", "a=x", "--output-dir", str(tmp_path), "--batch-size", "0"], capsys)
+    assert exit_info.value.code == 2
+    assert "representation: error:" in capsys.readouterr().err
+
+
+def test_unknown_metrics_and_captionless_prompts_are_named(tmp_path):
+    from gear_hf.evaluation.cli import _metrics, read_prompts
+
+    with pytest.raises(SystemExit, match="--metrics: unknown \\['bogus'\\]"):
+        _metrics("fid,bogus", ("fid", "sfid"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"caption": "a cat"}) + "\n" + json.dumps({"key": 1}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="prompts.jsonl:2 has no 'caption', 'prompt' or 'text' field"):
+        read_prompts(str(prompts))
+
 # ------------------------------------------------------------------------------------------------ tokenizer / codebook
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
@@ -175,6 +193,21 @@ def test_evaluate_module_matches_the_plain_functions():
 
     gt = uint8_images(3, 16, 4)
     recon = np.clip(gt.astype(np.int16) + np.random.default_rng(5).integers(-20, 20, gt.shape), 0, 255).astype(np.uint8)
+    metric = evaluate.load(metric_path("gear_reconstruction"))
+    metric.add_batch(predictions=list(recon), references=list(gt))
+    result = metric.compute(rfid=False)
+    as_01 = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 255.0  # noqa: E731
+    assert result == pytest.approx(psnr_l1_ssim(as_01(recon), as_01(gt)), rel=1e-6)
+
+
+def test_evaluate_module_scales_a_near_black_prediction_like_its_reference():
+    evaluate = pytest.importorskip("evaluate", reason="the `evaluate` package (gear_hf[eval]) is not installed")
+
+    from gear_hf.evaluation import metric_path
+    from gear_hf.evaluation.tokenizer_metrics import psnr_l1_ssim
+
+    gt = uint8_images(2, 16, 6)
+    recon = np.random.default_rng(7).integers(0, 2, gt.shape, dtype=np.uint8)  # uint8 with max 1: still 0-255
     metric = evaluate.load(metric_path("gear_reconstruction"))
     metric.add_batch(predictions=list(recon), references=list(gt))
     result = metric.compute(rfid=False)

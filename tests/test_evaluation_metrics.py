@@ -3,6 +3,7 @@ reference implementations installed here (torch-fidelity, scikit-image) — the 
 
 import math
 import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from gear_hf.evaluation import adm, frechet, sampler
 from gear_hf.evaluation.codebook import codebook_report
 from gear_hf.evaluation.frechet import FIDStatistics, frechet_distance, frechet_distance_stats
 from gear_hf.evaluation.inception import check_uint8_images, tf1_resize_bilinear
+from gear_hf.evaluation.npz import npz_array_info
 from gear_hf.evaluation.text_to_image import clip_score_summary, coco_preprocess, polynomial_mmd, prdc
 from gear_hf.evaluation.tokenizer_metrics import psnr_l1_ssim, ssim
 
@@ -267,6 +269,11 @@ def test_bad_images_and_files_give_one_clear_error(tmp_path):
     text.write_text("not a zip")
     with pytest.raises(ValueError, match="not an .npz archive"):
         adm.check_sample_batch(text)
+    v3 = tmp_path / "v3.npz"
+    with zipfile.ZipFile(v3, "w") as archive, archive.open("arr_0.npy", "w") as member:
+        np.lib.format.write_array(member, np.zeros((2, 8, 8, 3), np.uint8), version=(3, 0))
+    with pytest.raises(ValueError, match="unsupported .npy format 3.0"):
+        npz_array_info(v3)
 
 
 def test_small_sets_warn_or_fail():
@@ -350,3 +357,41 @@ def test_missing_pretrained_networks_name_the_option(tmp_path):
         DINOv2Extractor.from_pretrained(str(tmp_path / "no-dinov2"))
     with pytest.raises(FileNotFoundError, match="Pass --clip with a local directory"):
         CLIPScorer.from_pretrained(str(tmp_path / "no-clip"))
+
+
+def test_atomic_writes_keep_the_suffix_for_format_inference(tmp_path):
+    from PIL import Image
+
+    from gear_hf.evaluation.files import save_atomically, savez_atomically
+
+    image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+    save_atomically(Image.fromarray(image).save, tmp_path / "a.png")  # PIL picks PNG from the temp name's suffix
+    savez_atomically(tmp_path / "shard", images=image)  # no .npz suffix: np.savez must not append one
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
+    np.testing.assert_array_equal(np.load(tmp_path / "shard")["images"], image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "shard"]
+
+
+def test_truncated_unreadable_empty_and_too_small_inputs_are_named(tmp_path):
+    from gear_hf.evaluation.npz import iter_npz_batches
+    from gear_hf.evaluation.tokenizer_metrics import EvalImages, EvalTransform, reconstruction_metrics
+
+    truncated = tmp_path / "truncated.npz"
+    with zipfile.ZipFile(truncated, "w") as archive, archive.open("arr_0.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (4, 8, 8, 3)})
+        member.write(bytes(3 * 8 * 8 * 3))  # three of the four images
+    with pytest.raises(ValueError, match="arr_0 is truncated"):
+        list(iter_npz_batches(truncated, batch_size=2))
+    rows = [{"image": {"path": "broken.png", "bytes": b"not an image"}}]
+    with pytest.raises(ValueError, match="Cannot read evaluation image broken.png"):
+        list(EvalImages(rows, EvalTransform(8)))
+    tokenizer = torch.nn.Module()
+    tokenizer.check_input_range = True
+    with pytest.raises(ValueError, match="The evaluation set is empty"):
+        reconstruction_metrics(tokenizer, [], progress=False)
+    assert tokenizer.check_input_range and tokenizer.training  # restored after the failure
+    one, reference = tmp_path / "one.npz", tmp_path / "ref.npz"
+    np.savez(one, arr_0=rng(3).integers(0, 256, (1, 4, 4, 3), dtype=np.uint8))
+    np.savez(reference, arr_0=rng(4).integers(0, 256, (20, 4, 4, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="FID needs at least 2 samples"):
+        adm.evaluate_sample_batch(one, reference, FakeExtractor(), metrics=("fid",))

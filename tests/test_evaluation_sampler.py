@@ -110,7 +110,7 @@ def test_resume_after_kill_keeps_finished_shards(reference_run, pipeline_dir, tm
     shards = tmp_path / "run" / "shards"
     assert sorted(p.name for p in shards.glob("shard_*.npz")) == ["shard_000000.npz"]
     kept = (shards / "shard_000000.npz").stat().st_mtime_ns
-    (shards / "shard_000001.npz.tmp").write_bytes(b"partial")  # a write interrupted by a kill
+    (shards / "shard_000001.tmp.npz").write_bytes(b"partial")  # a write interrupted by a kill
     (shards / "shard_000002.npz").write_bytes(b"corrupt")
     pipe = GEARPipeline.from_pretrained(pipeline_dir)
     decode, calls = pipe.vq_model.decode, []

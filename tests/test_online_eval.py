@@ -95,6 +95,21 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+def test_prompt_file_errors(tmp_path):
+    from gear_hf.training.online_eval import read_prompts
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="eval.prompts: .*empty.txt holds no prompt"):
+        read_prompts(str(empty))
+    no_caption = tmp_path / "prompts.jsonl"
+    no_caption.write_text(json.dumps({"key": 0}) + "\n", encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match="eval.prompts: .*prompts.jsonl:1 has no 'caption'"):
+        read_prompts(str(no_caption))
+    with pytest.raises(TrainingSetupError, match="eval.prompts: .* is not a file"):
+        read_prompts(None)
+
+
 def test_two_processes_share_the_sampling_and_give_the_same_fid(tmp_path, eval_files):
     """Each rank samples its images (i = rank, rank + 2, ...); the gathered FID equals one process's, when the two
     runs have the same EMA models (lr 0: the EMA stays the initial copy, which both runs build identically)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .files import savez_atomically
 from .frechet import FIDStatistics, frechet_distance_stats
 from .inception import SUPPLY_WEIGHTS_HINT, InceptionExtractor
 from .npz import NpzBatches, npz_array_info, npz_keys
@@ -219,10 +220,7 @@ def batch_activations(path: str | os.PathLike, extractor: InceptionExtractor, ca
     check_sample_batch(path)
     activations = extractor.adm_features(NpzBatches(path, batch_size=extractor.batch_size), desc=desc)
     if cache_file is not None:
-        tmp = cache_file + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k: v for k, v in activations.items() if v is not None})
-        os.replace(tmp, cache_file)
+        savez_atomically(cache_file, **{k: v for k, v in activations.items() if v is not None})
     return activations
 
 
@@ -269,7 +267,7 @@ def fid_of_samples(images_uint8_or_features, reference_stats: FIDStatistics,
 
 def evaluate_sample_batch(samples: str | os.PathLike, reference: str | os.PathLike, extractor: InceptionExtractor,
                           metrics=ADM_METRICS, fd_method: str = "sqrtm", distance_dtype: str = "float16",
-                          cache_dir: str | None = None, sample_activations: dict | None = None) -> dict:
+                          cache_dir: str | None = None) -> dict:
     """The ADM evaluator on a sample `.npz` against a reference `.npz`: a dict with `fid`, `sfid`,
     `inception_score`, `precision`, `recall` (None for a metric not requested, or IS without a classifier)."""
     unknown = set(metrics) - set(ADM_METRICS)
@@ -288,7 +286,7 @@ def evaluate_sample_batch(samples: str | os.PathLike, reference: str | os.PathLi
     if "inception_score" in metrics and len(metrics) == 1 and not extractor.has_classifier:
         raise ValueError(f"The Inception Score needs the Inception classifier, which these weights lack: "
                          f"{SUPPLY_WEIGHTS_HINT}.")
-    acts = sample_activations or batch_activations(samples, extractor, desc="sample features")
+    acts = batch_activations(samples, extractor, desc="sample features")
     n = len(acts["pool"])
     ref_acts = None
     if needs_images or (ref.stats is None and "fid" in metrics) or (ref.spatial_stats is None and "sfid" in metrics):

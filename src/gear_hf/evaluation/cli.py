@@ -35,10 +35,9 @@ def _emit(result: dict, args) -> dict:
     print(text)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        tmp = f"{args.output}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.output)
+        from .files import save_atomically
+
+        save_atomically(lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"), args.output)
     if args.record_dir:
         try:
             import evaluate
@@ -278,7 +277,9 @@ def _load_samples(path: str) -> np.ndarray:
 
 
 def fd_dinov2_main(argv=None) -> dict:
+    from .adm import check_sample_batch
     from .frechet import FD_METHODS
+    from .npz import NpzBatches
     from .text_to_image import GPIC_METRICS, DINOv2Extractor, gpic_metrics
 
     parser = _parser("fd-dinov2", "GPIC FD-DINOv2 with PRDC and MMD, as GEAR's src/eval/gpic/gpic_eval_dino.py.")
@@ -300,7 +301,8 @@ def fd_dinov2_main(argv=None) -> dict:
     reference = dict(np.load(args.reference))
     extractor = DINOv2Extractor.from_pretrained(args.dinov2, device=_device(args.device), batch_size=args.batch_size,
                                                 pos_embed=args.pos_embed)
-    features = extractor.features(_load_samples(samples_path))
+    check_sample_batch(samples_path)
+    features = extractor.features(NpzBatches(samples_path, batch_size=args.batch_size))  # streamed, not loaded whole
     result = gpic_metrics(features, reference, metrics=metrics, seed=args.metric_seed, fd_method=args.fd_method)
     result["config"] = {"samples": samples_path, "reference": args.reference, "dinov2": args.dinov2,
                         "pos_embed": args.pos_embed, "num_samples": len(features)}
@@ -356,6 +358,8 @@ def main(subcommands: dict, argv=None) -> None:
         raise SystemExit(f"usage: evaluate.py {{{names}}} [options]  (evaluate.py SUBCOMMAND --help for each)")
     module, _, function = subcommands[argv[0]].partition(":")
     try:
-        getattr(importlib.import_module(module), function)(argv[1:])
+        code = getattr(importlib.import_module(module), function)(argv[1:])
     except (ValueError, KeyError, FileNotFoundError) as error:  # bad input: one line, no traceback
         raise SystemExit(f"evaluate.py {argv[0]}: error: {error.args[0] if error.args else error}") from error
+    if isinstance(code, int) and code:  # a subcommand reporting its own exit status (representation: 2)
+        raise SystemExit(code)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 
 from ..training.codebook_stats import CodebookUsage, usage_statistics
+from ..training.gear_step import to_signed_unit
+from .files import save_atomically
 
 TOP_K = (1, 10, 100, 1000)
 
@@ -20,13 +22,15 @@ def codebook_counts(tokenizer, batches, device: str | torch.device = "cpu", prog
     from tqdm.auto import tqdm
 
     usage = CodebookUsage(tokenizer.config.codebook_size, device=device)
-    was_training = tokenizer.training
+    was_training, was_checking = tokenizer.training, tokenizer.check_input_range
     tokenizer.eval()
+    tokenizer.check_input_range = False  # inputs are built from uint8: no per-batch host sync for the range check
     try:
         for batch in tqdm(batches, desc="codebook usage", disable=not progress):
-            usage.update(tokenizer.encode(batch.to(device).float() / 127.5 - 1.0).indices)
+            usage.update(tokenizer.encode(to_signed_unit(batch.to(device))).indices)
     finally:
         tokenizer.train(was_training)
+        tokenizer.check_input_range = was_checking
     return usage.counts.cpu()
 
 
@@ -55,10 +59,8 @@ def plot_sorted_usage(counts: torch.Tensor, path: str | os.PathLike, title: str 
     right.plot(ranks, np.cumsum(freq), color="C1")
     right.set(ylabel="cumulative mass", ylim=(0, 1.02))
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp)
+    save_atomically(fig.savefig, path)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 __all__ = ["TOP_K", "codebook_counts", "codebook_report", "plot_sorted_usage"]

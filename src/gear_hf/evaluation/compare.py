@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,9 +28,10 @@ import torch
 from ..pipelines import GEARPipeline
 from ..training.config import TrainingConfig
 from ..training.trainer import run_training
+from .files import save_atomically
 from .frechet import FIDStatistics, frechet_distance_stats
 from .inception import InceptionExtractor
-from .sampler import class_labels_for, image_seed
+from .sampler import EVAL_PRESETS, class_labels_for, image_seed, sample_batch
 from .tokenizer_metrics import eval_image_loader, reconstruction_metrics
 
 # arm -> stage-1 overrides (None: no stage 1, the warm-up tokenizer is used as it is)
@@ -79,15 +79,16 @@ def reference_statistics(loader, extractor: InceptionExtractor) -> FIDStatistics
 @torch.no_grad()
 def sample_fid(pipe: GEARPipeline, num_samples: int, reference: FIDStatistics, extractor: InceptionExtractor,
                seed: int = 0, batch_size: int = 50, **sampling) -> float:
-    """FID of `num_samples` class-conditional samples (labels and generators by image index, as
-    `scripts/evaluate.py sample`; GEAR's "fid" preset unless overridden) against `reference`."""
+    """FID of `num_samples` class-conditional samples against `reference`: the images of `scripts/evaluate.py
+    sample` (its labels, per-image generators and batch function; GEAR's "fid" preset unless overridden)."""
     labels = class_labels_for(num_samples, pipe.transformer.config.num_classes, seed)
+    sampling = {**EVAL_PRESETS["fid"], **sampling}
     features = []
     for start in range(0, num_samples, batch_size):
         index = range(start, min(start + batch_size, num_samples))
-        out = pipe([int(labels[i]) for i in index], generator=[torch.Generator().manual_seed(image_seed(seed, i))
-                                                              for i in index], **{"preset": "fid", **sampling})
-        features.append(extractor.adm_features(np.stack([np.asarray(image) for image in out.images]))["pool"])
+        images, _ = sample_batch(pipe, [int(labels[i]) for i in index], [image_seed(seed, i) for i in index],
+                                 sampling, None, pipe.device)
+        features.append(extractor.adm_features(images)["pool"])
     stats = FIDStatistics.from_features(np.concatenate(features))
     return frechet_distance_stats(stats, reference, method="eigh")[0]
 
@@ -127,7 +128,8 @@ def run_arms(output_dir: Path, arms: list[str], *, warmup: Path | None, steps: d
 def evaluate_arms(runs: dict[str, dict[str, Path]], *, num_images: int, image_size: int, extractor,
                   seed: int = 0) -> dict[str, dict]:
     """The per-arm report (see the module docstring), with `steps_to_baseline_ntp` against `BASELINE`."""
-    loader = eval_image_loader("fashion-mnist", None, image_size=image_size, max_samples=num_images)
+    # the real images decoded once for every arm
+    loader = list(eval_image_loader("fashion-mnist", None, image_size=image_size, max_samples=num_images))
     reference = reference_statistics(loader, extractor)
     report = {}
     for arm, run in runs.items():
@@ -176,9 +178,7 @@ def plot_report(report: dict[str, dict], path: Path) -> None:
     for ax in axes[2:]:
         ax.tick_params(axis="x", rotation=30, labelsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    save_atomically(lambda tmp: fig.savefig(tmp, dpi=110), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_arms(runs, num_images=args.num_images, image_size=args.image_size, extractor=extractor)
     summary = {"seconds": round(time.perf_counter() - start, 1), "steps": {"stage0": args.stage0_steps,
                "stage1": args.stage1_steps, "stage2": args.stage2_steps}, "arms": report}
-    tmp = output_dir / "comparison.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, output_dir / "comparison.json")
+    save_atomically(lambda tmp: tmp.write_text(json.dumps(summary, indent=2)), output_dir / "comparison.json")
     plot_report(report, output_dir / "comparison.png")
     for arm, row in report.items():
         print(f"{arm:26s} final NTP {row['stage2_ntp_curve'][-1][1] if row['stage2_ntp_curve'] else float('nan'):.3f}"

@@ -13,7 +13,6 @@ Statistics follow the ADM evaluator: μ = `np.mean(axis=0)` in the features' dty
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -41,13 +40,6 @@ class FIDStatistics:
             centred = features.astype(np.float64) - features.astype(np.float64).mean(axis=0)
             factor = centred / np.sqrt(len(features) - 1)
         return cls(mu=np.mean(features, axis=0), sigma=np.cov(features, rowvar=False), factor=factor)
-
-    def save(self, path: str | os.PathLike, prefix: str = "") -> None:
-        """Write `{prefix}mu` / `{prefix}sigma` to an `.npz` atomically."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **{f"{prefix}mu": self.mu, f"{prefix}sigma": self.sigma})
-        os.replace(tmp, path)
 
 
 def _sqrtm(matrix: np.ndarray) -> np.ndarray:

@@ -40,10 +40,10 @@ def _open_member(archive: zipfile.ZipFile, path, key: str):
         shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
     elif version == (2, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-    else:  # format 3.0 (utf-8 field names) has no public header reader
+    else:  # format 3.0 (utf-8 field names) has no public header reader; numpy writes it only for such dtypes
         handle.close()
-        array = np.load(path, mmap_mode=None)[key]
-        return None, tuple(array.shape), True, array.dtype
+        raise ValueError(f"{path}: {key} uses the unsupported .npy format 3.0; save it with np.savez from plain "
+                         "uint8 / float arrays (format 1.0 or 2.0).")
     return handle, tuple(shape), fortran_order, dtype
 
 
@@ -52,8 +52,7 @@ def npz_array_info(path: str | os.PathLike, key: str = "arr_0") -> NpzArrayInfo:
     _check_file(path)
     with zipfile.ZipFile(path) as archive:
         handle, shape, _, dtype = _open_member(archive, path, key)
-        if handle is not None:
-            handle.close()
+        handle.close()
     return NpzArrayInfo(shape=shape, dtype=dtype)
 
 
@@ -62,9 +61,8 @@ def iter_npz_batches(path: str | os.PathLike, key: str = "arr_0", batch_size: in
     _check_file(path)
     with zipfile.ZipFile(path) as archive:
         handle, shape, fortran_order, dtype = _open_member(archive, path, key)
-        if handle is None or fortran_order or dtype.hasobject:  # rare layouts: fall back to a full read
-            if handle is not None:
-                handle.close()
+        if fortran_order or dtype.hasobject:  # rare layouts: fall back to a full read
+            handle.close()
             array = np.load(path)[key]
             for start in range(0, len(array), batch_size):
                 yield array[start:start + batch_size]

@@ -44,6 +44,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from .files import save_atomically
 from .representation_stats import RepresentationStats
 
 TOKENIZER_FEATURES = ("pre", "post")
@@ -311,12 +312,6 @@ def _extract(models: list[AnalysedModel], images: torch.Tensor, labels: torch.Te
     return features
 
 
-def _save_atomically(write, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def analyse(models: list[AnalysedModel], teacher, dataset: EvalImageDataset, grid: int,
             settings: AnalysisSettings, state_path: Path | None = None, fingerprint: str = "",
             device="cpu") -> dict:
@@ -349,7 +344,7 @@ def analyse(models: list[AnalysedModel], teacher, dataset: EvalImageDataset, gri
         progress.update(images.shape[0])
         if state_path is not None and (step % settings.save_every == 0) and done < len(dataset):
             state = {"fingerprint": fingerprint, "images_done": done, "stats": stats.state_dict()}
-            _save_atomically(lambda p: torch.save(state, p), state_path)
+            save_atomically(lambda p: torch.save(state, p), state_path)
     progress.close()
     summary = stats.summary()
     summary["num_images"], summary["image_level_chunk_size"] = len(dataset), chunk
@@ -468,9 +463,9 @@ def run(args: argparse.Namespace) -> dict:
     def write_json(path):
         path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
-    _save_atomically(write_json, output_dir / JSON_FILE)
+    save_atomically(write_json, output_dir / JSON_FILE)
     if any(model.ar is not None for model in models):
-        _save_atomically(lambda p: plot_representation(report, p, align_layer=args.align_layer),
+        save_atomically(lambda p: plot_representation(report, p, align_layer=args.align_layer),
                          output_dir / FIGURE_FILE)
     (output_dir / STATE_FILE).unlink(missing_ok=True)
     print(format_table4(report))

@@ -28,6 +28,9 @@ import zipfile
 import numpy as np
 import torch
 
+from .files import save_atomically, savez_atomically
+from .npz import npz_array_info
+
 logger = logging.getLogger(__name__)
 
 LABEL_MODES = ("uniform", "balanced")
@@ -63,10 +66,8 @@ def _digest(values) -> str:
 
 
 def _write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    save_atomically(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
 
 
 def _check_plan(shard_dir: str, plan: dict) -> None:
@@ -85,8 +86,9 @@ def _shard_ok(path: str, indices: np.ndarray) -> bool:
     if not os.path.isfile(path):
         return False
     try:
-        with np.load(path) as shard:
-            return np.array_equal(shard["indices"], indices) and shard["images"].shape[0] == len(indices)
+        with np.load(path) as shard:  # the images' row count from their header, not by decompressing them
+            return (np.array_equal(shard["indices"], indices)
+                    and npz_array_info(path, "images").shape[0] == len(indices))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
         logger.warning("Shard %s is unreadable; sampling it again.", path)
         return False
@@ -95,13 +97,11 @@ def _shard_ok(path: str, indices: np.ndarray) -> bool:
 def _save_png(path: str, image: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    save_atomically(Image.fromarray(image).save, path)
 
 
 @torch.no_grad()
-def _sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, image_size_eval: int | None,
+def sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, image_size_eval: int | None,
                   device: torch.device) -> tuple[np.ndarray, dict]:
     """uint8 NHWC images of one batch, and the pipeline's resolved sampling settings."""
     from ..pipelines.pipeline_gear import to_uint8
@@ -121,19 +121,21 @@ def _sample_batch(pipe, conditions: list, seeds: list[int], sampling: dict, imag
 
 def _write_samples_npz(path: str, shard_paths: list[str], shape: tuple[int, ...], labels: np.ndarray | None) -> None:
     """Stream the shards into one ADM `.npz` (arr_0 images, arr_1 labels) without holding all images in memory."""
-    tmp = f"{path}.tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        with archive.open("arr_0.npy", "w", force_zip64=True) as member:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-                      "shape": shape}
-            np.lib.format.write_array_header_2_0(member, header)
-            for shard_path in shard_paths:
-                with np.load(shard_path) as shard:
-                    member.write(np.ascontiguousarray(shard["images"]).tobytes())
-        if labels is not None:
-            with archive.open("arr_1.npy", "w") as member:
-                np.lib.format.write_array(member, labels)
-    os.replace(tmp, path)
+
+    def write(tmp) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            with archive.open("arr_0.npy", "w", force_zip64=True) as member:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_2_0(member, header)
+                for shard_path in shard_paths:
+                    with np.load(shard_path) as shard:
+                        member.write(np.ascontiguousarray(shard["images"]).tobytes())
+            if labels is not None:
+                with archive.open("arr_1.npy", "w") as member:
+                    np.lib.format.write_array(member, labels)
+
+    save_atomically(write, path)
 
 
 def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: int | None = None,
@@ -197,25 +199,22 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
             parts = []
             for start in range(0, len(indices), batch_size):
                 batch = indices[start:start + batch_size]
-                images, config = _sample_batch(pipe, [conditions[i] for i in batch],
-                                               [image_seed(seed, int(i)) for i in batch], sampling,
-                                               image_size_eval, accelerator.device)
+                images, config = sample_batch(pipe, [conditions[i] for i in batch],
+                                              [image_seed(seed, int(i)) for i in batch], sampling,
+                                              image_size_eval, accelerator.device)
                 parts.append(images)
                 bar.update(len(batch))
             images = np.concatenate(parts)
             if save_png:
                 for index, image in zip(indices, images):
                     _save_png(os.path.join(png_dir, f"{index:06d}.png"), image)
-            tmp = shard_paths[s] + ".tmp"
-            with open(tmp, "wb") as f:
-                np.savez(f, images=images, indices=indices, sampling_config=json.dumps(config))
-            os.replace(tmp, shard_paths[s])
+            savez_atomically(shard_paths[s], images=images, indices=indices, sampling_config=json.dumps(config))
     accelerator.wait_for_everyone()
 
     samples_path = os.path.join(output_dir, "samples.npz")
     if accelerator.is_main_process:
+        shape = (num_images, *npz_array_info(shard_paths[0], "images").shape[1:])
         with np.load(shard_paths[0]) as first:
-            shape = (num_images, *first["images"].shape[1:])
             sampling_config = json.loads(str(first["sampling_config"]))
         _write_samples_npz(samples_path, shard_paths, shape, labels)
         _write_json(os.path.join(output_dir, "samples.json"), {
@@ -228,4 +227,4 @@ def sample_for_evaluation(pipe, output_dir: str | os.PathLike, *, num_images: in
     return samples_path
 
 
-__all__ = ["EVAL_PRESETS", "LABEL_MODES", "class_labels_for", "image_seed", "sample_for_evaluation"]
+__all__ = ["EVAL_PRESETS", "LABEL_MODES", "class_labels_for", "image_seed", "sample_batch", "sample_for_evaluation"]

@@ -22,6 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..training.data import decode_image, load_image_dataset
+from ..training.gear_step import to_signed_unit
 from .frechet import fid_from_features
 from .inception import InceptionExtractor, strict_fp32
 
@@ -118,8 +119,9 @@ def reconstruction_metrics(tokenizer, batches, extractor: InceptionExtractor | N
     unknown = set(metrics) - set(TOKENIZER_METRICS)
     if unknown:
         raise ValueError(f"Unknown tokenizer metrics {sorted(unknown)}; choose from {TOKENIZER_METRICS}.")
-    was_training = tokenizer.training
+    was_training, was_checking = tokenizer.training, tokenizer.check_input_range
     tokenizer.eval()
+    tokenizer.check_input_range = False  # inputs are built from uint8: no per-batch host sync for the range check
     l1, psnr, ssim_sum, num_images, feats_gt, feats_rec = [], [], torch.zeros((), dtype=torch.float64), 0, [], []
     try:
         with strict_fp32():
@@ -127,7 +129,7 @@ def reconstruction_metrics(tokenizer, batches, extractor: InceptionExtractor | N
                 if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 3:
                     raise ValueError(f"Expected uint8 (B, 3, H, W) image batches, got {batch.dtype} "
                                      f"{tuple(batch.shape)}.")
-                x = batch.to(device).float() / 127.5 - 1.0
+                x = to_signed_unit(batch.to(device))
                 recon = tokenizer(x).reconstruction.clamp(-1, 1).float()
                 r, g = (recon + 1.0) / 2.0, (x.clamp(-1, 1) + 1.0) / 2.0
                 batch_l1, batch_psnr, batch_ssim = batch_reconstruction_stats(r, g, with_ssim="ssim" in metrics)
@@ -141,6 +143,7 @@ def reconstruction_metrics(tokenizer, batches, extractor: InceptionExtractor | N
                 num_images += len(batch)
     finally:
         tokenizer.train(was_training)
+        tokenizer.check_input_range = was_checking
     if num_images == 0:
         raise ValueError("The evaluation set is empty.")
     result = dict.fromkeys(TOKENIZER_METRICS)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..evaluation.adm import load_reference_statistics
+from ..evaluation.cli import read_prompts as read_prompt_file
 from ..evaluation.frechet import FIDStatistics, frechet_distance_stats
 from ..evaluation.inception import InceptionExtractor
 from ..evaluation.sampler import class_labels_for, image_seed
@@ -26,11 +27,14 @@ from .gear_step import unwrap
 
 
 def read_prompts(path: str | None) -> list[str]:
-    """One prompt per non-empty line of a text file."""
+    """The prompts of `eval.prompts` (a text file, one per line, or a GPIC `.jsonl`), as `evaluate.py` reads them."""
     if not path or not Path(path).is_file():
         raise TrainingSetupError(f"eval.prompts: a text-to-image run needs a prompt file (one prompt per line) for "
                                  f"its in-training FID; {path!r} is not a file.")
-    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = read_prompt_file(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingSetupError(f"eval.prompts: {error}") from error
     if not prompts:
         raise TrainingSetupError(f"eval.prompts: {path} holds no prompt.")
     return prompts

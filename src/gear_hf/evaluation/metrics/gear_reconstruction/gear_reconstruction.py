@@ -37,13 +37,17 @@ class GearReconstruction(evaluate.Metric):
         from gear_hf.evaluation.inception import InceptionExtractor
         from gear_hf.evaluation.tokenizer_metrics import psnr_l1_ssim
 
-        def to_01(images):
-            array = np.stack([np.asarray(im, dtype=np.float32) for im in images])
-            if array.max() > 1.0:
-                array = array / 255.0
-            return torch.from_numpy(array).permute(0, 3, 1, 2).clamp(0, 1)
+        def stack(images):
+            return np.stack([np.asarray(im, dtype=np.float32) for im in images])
 
-        r, g = to_01(predictions), to_01(references)
+        # one scale for both sets: a near-black uint8 reconstruction (max <= 1) is still on the 0-255 scale
+        r, g = stack(predictions), stack(references)
+        scale = 255.0 if max(r.max(), g.max()) > 1.0 else 1.0
+
+        def to_01(array):
+            return torch.from_numpy(array / scale).permute(0, 3, 1, 2).clamp(0, 1)
+
+        r, g = to_01(r), to_01(g)
         result = psnr_l1_ssim(r, g)
         if rfid:
             extractor = InceptionExtractor(inception_path=inception_path, device=device, progress=False)
