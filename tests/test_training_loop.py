@@ -229,6 +229,26 @@ def test_resume_with_other_config_is_one_clear_error(straight_run, tmp_path):
         GEARTrainer(tiny_config(tmp_path)).train(resume_from_checkpoint=str(tmp_path / "nowhere"))
 
 
+def test_older_signatures_resume_class_conditional_runs():
+    """Checkpoints written before `ar.condition_type`, the text keys and an always-recorded `train.fsdp`: the
+    missing keys read as their defaults, so a class-conditional run resumes them; a text-conditional run does not."""
+    from gear_hf.models.configuration_gear_ar import GEARConfig
+
+    cfg = TrainingConfig()
+    current = ckpt.structural_signature(cfg, ar_config=GEARConfig())
+    assert current["train.fsdp"] is False and current["ar.condition_type"] == "class"
+    assert not {"ar.caption_dim", "ar.text_length", "ar.text_attention", "ar.num_double_stream_layers"} & set(current)
+    oldest = {k: v for k, v in current.items() if k not in ("ar.condition_type", "train.fsdp")}
+    ckpt.check_compatible(oldest, current, "old")
+    with_text_keys = {**current, "ar.caption_dim": 2048, "ar.text_length": 300, "ar.text_attention": "causal",
+                      "ar.num_double_stream_layers": 0}  # once recorded for class-conditional ARs as well
+    del with_text_keys["train.fsdp"]
+    ckpt.check_compatible(with_text_keys, current, "old")
+    text = ckpt.structural_signature(cfg, ar_config=GEARConfig(condition_type="text"))
+    with pytest.raises(ckpt.CheckpointCompatibilityError, match=r"ar\.condition_type: checkpoint='class'"):
+        ckpt.check_compatible(oldest, text, "old")
+
+
 @pytest.mark.parametrize(
     "overrides, error, match",
     [
