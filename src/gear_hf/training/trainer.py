@@ -168,6 +168,9 @@ class GEARTrainer:
         return written
 
     def save_samples(self) -> None:
+        """Preview PNGs (main process only: nothing here is collective, so the other ranks skip reading data)."""
+        if not self.accelerator.is_main_process:
+            return
         c, n = self.components, self.cfg.train.num_sample_images
         tokenizer = c.tokenizer_ema.model if c.tokenizer_ema is not None else c.tokenizer
         fixed = self._fixed_samples(n)
