@@ -27,8 +27,6 @@ from torch import nn
 from .builders import TrainingSetupError
 from .config import TrainingConfig
 
-ENGINES = ("ddp", "deepspeed", "fsdp")
-
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() == "true"
@@ -280,6 +278,6 @@ def gathered_dtensors(*modules: nn.Module | None):
             sub._parameters[key] = param
 
 
-__all__ = ["ENGINES", "resolve_engine", "check_hardware_choices", "engine_modules", "deepspeed_plugins",
+__all__ = ["resolve_engine", "check_hardware_choices", "engine_modules", "deepspeed_plugins",
            "unset_hf_deepspeed_config", "register_zero3_embedding_tables", "FSDP_UNITS", "fsdp_plugin",
            "enable_fsdp_without_gpu", "fsdp_units_of", "broadcast_buffers_like_ddp", "gathered_dtensors"]
