@@ -50,7 +50,8 @@ DEFAULT_SAMPLE_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl o
 
 
 class StopRequest:
-    """SIGTERM → save a checkpoint at the next step boundary and exit cleanly."""
+    """SIGTERM → save a checkpoint at the next step boundary (several processes: the next log step, see
+    `GEARTrainer._stop_now`) and exit cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -64,7 +65,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        logger.warning("Received signal %s: saving a checkpoint at the next step boundary, then exiting.", signum)
+        logger.warning("Received signal %s: saving a checkpoint at the next step boundary (several processes: the "
+                       "next log step), then exiting.", signum)
         self.requested = True
 
     def __exit__(self, *exc):
