@@ -229,6 +229,26 @@ def test_resume_with_other_config_is_one_clear_error(straight_run, tmp_path):
         GEARTrainer(tiny_config(tmp_path)).train(resume_from_checkpoint=str(tmp_path / "nowhere"))
 
 
+def test_older_signatures_resume_class_conditional_runs():
+    """Checkpoints written before `ar.condition_type`, the text keys and an always-recorded `train.fsdp`: the
+    missing keys read as their defaults, so a class-conditional run resumes them; a text-conditional run does not."""
+    from gear_hf.models.configuration_gear_ar import GEARConfig
+
+    cfg = TrainingConfig()
+    current = ckpt.structural_signature(cfg, ar_config=GEARConfig())
+    assert current["train.fsdp"] is False and current["ar.condition_type"] == "class"
+    assert not {"ar.caption_dim", "ar.text_length", "ar.text_attention", "ar.num_double_stream_layers"} & set(current)
+    oldest = {k: v for k, v in current.items() if k not in ("ar.condition_type", "train.fsdp")}
+    ckpt.check_compatible(oldest, current, "old")
+    with_text_keys = {**current, "ar.caption_dim": 2048, "ar.text_length": 300, "ar.text_attention": "causal",
+                      "ar.num_double_stream_layers": 0}  # once recorded for class-conditional ARs as well
+    del with_text_keys["train.fsdp"]
+    ckpt.check_compatible(with_text_keys, current, "old")
+    text = ckpt.structural_signature(cfg, ar_config=GEARConfig(condition_type="text"))
+    with pytest.raises(ckpt.CheckpointCompatibilityError, match=r"ar\.condition_type: checkpoint='class'"):
+        ckpt.check_compatible(oldest, text, "old")
+
+
 @pytest.mark.parametrize(
     "overrides, error, match",
     [
@@ -270,6 +290,10 @@ def test_setup_errors(tmp_path, overrides, match):
         ([], {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_DEEPSPEED": "true",
               "ACCELERATE_DEEPSPEED_CONFIG_FILE": "configs/accelerate/deepspeed_zero2.json"}, r"pick one engine"),
         (["train.fsdp=true"], {"FSDP_VERSION": "1"}, r"supports FSDP2 only: set fsdp_version: 2"),
+        (["gear.straight_through_ntp=true"],
+         {"ACCELERATE_USE_DEEPSPEED": "true",
+          "ACCELERATE_DEEPSPEED_CONFIG_FILE": "configs/accelerate/deepspeed_zero2.json"},
+         r"straight_through_ntp .* not supported with the deepspeed engine.*use DDP"),
         (["train.fsdp=true"], {}, r"FSDP shards over processes: launch it with several"),
         (["train.fsdp=true", "train.gradient_accumulation_steps=2", "train.train_batch_size=8"], {},
          r"fsdp engine supports train.gradient_accumulation_steps=1 only"),

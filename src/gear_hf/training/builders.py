@@ -82,7 +82,6 @@ class TrainingModels:
     teacher: nn.Module | None
     discriminator: nn.Module | None
     tokenizer_loss: nn.Module | None
-    grid_size: int
     signature: dict[str, Any]  # what a checkpoint must match to be resumed by this run
     text_conditioner: TextConditioner | None = None  # text-to-image: the frozen text encoder
 
@@ -290,7 +289,7 @@ def build_models(cfg: TrainingConfig, class_names: list[str] | None, num_process
     signature = ckpt.structural_signature(cfg, tokenizer.config, ar_config,
                                           {"teacher.hidden_size": getattr(teacher, "hidden_size", None)})
     return TrainingModels(tokenizer, tokenizer_ema_init, ar, projector, teacher, discriminator, tokenizer_loss,
-                          grid_size, signature, text_conditioner)
+                          signature, text_conditioner)
 
 
 # -------------------------------------------------------------------------------------------------- optimization

@@ -188,8 +188,10 @@ def save_checkpoint(
 _TOKENIZER_KEYS = ("quantizer", "codebook_size", "codebook_embed_dim", "num_channels", "base_channels",
                    "channel_multipliers", "num_res_blocks", "z_channels", "attention_levels")
 _AR_KEYS = ("condition_type", "vocab_size", "num_classes", "hidden_size", "num_hidden_layers", "num_attention_heads",
-            "intermediate_size", "image_size", "downsample_factor", "cls_token_num", "caption_dim", "text_length",
-            "text_attention", "num_double_stream_layers")
+            "intermediate_size", "image_size", "downsample_factor", "cls_token_num")
+_TEXT_AR_KEYS = ("caption_dim", "text_length", "text_attention", "num_double_stream_layers")  # text-conditional only
+# Keys added after checkpoints were first written: absent from an older signature means this value.
+_SIGNATURE_DEFAULTS = {"ar.condition_type": "class", "train.fsdp": False}
 
 
 def structural_signature(cfg, tokenizer_config=None, ar_config=None, extra: dict | None = None) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def structural_signature(cfg, tokenizer_config=None, ar_config=None, extra: dict
     signature: dict[str, Any] = {
         "train.stage": cfg.train.stage,
         "train.deepspeed": cfg.train.deepspeed_config is not None,
-        **({"train.fsdp": True} if cfg.train.fsdp else {}),  # sharded checkpoints (absent: older runs)
+        "train.fsdp": bool(cfg.train.fsdp),
         "data.image_size": cfg.data.image_size,
         "gear.projector_dim": cfg.gear.projector_dim,
         "teacher.name": cfg.teacher.name,
@@ -211,14 +213,20 @@ def structural_signature(cfg, tokenizer_config=None, ar_config=None, extra: dict
             signature[f"tokenizer.{key}"] = getattr(tokenizer_config, key, None)
     if ar_config is not None:
         signature["ar.null_class"] = ar_config.class_dropout_prob > 0
-        for key in _AR_KEYS:
+        keys = _AR_KEYS + (_TEXT_AR_KEYS if getattr(ar_config, "condition_type", "class") == "text" else ())
+        for key in keys:
             signature[f"ar.{key}"] = getattr(ar_config, key, None)
     signature.update(extra or {})
     return json.loads(json.dumps(signature, default=str))  # normalise tuples → lists like the stored JSON
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str | os.PathLike) -> None:
-    """Raise one `CheckpointCompatibilityError` listing every structural difference."""
+    """Raise one `CheckpointCompatibilityError` listing every structural difference. A key the current run records
+    but an older checkpoint lacks counts as its documented default (`_SIGNATURE_DEFAULTS`); the text-conditional
+    keys count only for text-conditional ARs."""
+    saved = {**{key: value for key, value in _SIGNATURE_DEFAULTS.items() if key in current}, **saved}
+    if saved.get("ar.condition_type") != "text":  # text keys once recorded for class-conditional ARs too
+        saved = {key: value for key, value in saved.items() if key.removeprefix("ar.") not in _TEXT_AR_KEYS}
     diffs = [
         f"  {key}: checkpoint={saved.get(key, '<absent>')!r}, current={current.get(key, '<absent>')!r}"
         for key in sorted(set(saved) | set(current))

@@ -1,6 +1,6 @@
 """Codebook health statistics, computed on device with no host synchronisation (spec §7.3, expectations 4.5).
 
-* `CodebookUsage` accumulates a histogram of hard indices over a window of steps (one `bincount` per step) and,
+* `CodebookUsage` accumulates a histogram of hard indices over a window of steps (one `index_add_` per step) and,
   when asked, reports usage = used codes / K, dead codes, the entropy H of the usage histogram and the
   effective codebook size exp(H). Histograms are summed across ranks, which equals taking the unique indices
   of the all-gathered batch.
@@ -35,7 +35,8 @@ class CodebookUsage:
         indices = indices.detach().reshape(-1).long()
         if self.counts.device != indices.device:
             self.counts = self.counts.to(indices.device)
-        self.counts += torch.bincount(indices, minlength=self.codebook_size)
+        # index_add_ into the fixed-size histogram: bincount would sync on CUDA to size its output.
+        self.counts.index_add_(0, indices, torch.ones_like(indices))
 
     @torch.no_grad()
     def compute(self, accelerator=None, reset: bool = True) -> dict[str, torch.Tensor]:

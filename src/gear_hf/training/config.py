@@ -179,9 +179,6 @@ class TrainingConfig:
             raise ValueError("train.train_batch_size and train.gradient_accumulation_steps must be ≥ 1.")
         if self.train.max_train_steps < 1:
             raise ValueError(f"train.max_train_steps must be ≥ 1, got {self.train.max_train_steps}.")
-        if self.gear.straight_through_ntp and self.train.deepspeed_config:
-            raise ValueError("gear.straight_through_ntp (one joint backward through tokenizer and AR) is not supported "
-                             "with DeepSpeed (one engine per module); use DDP.")
         if self.eval.every < 0 or self.eval.num_samples < 2 or self.eval.batch_size < 1:
             raise ValueError("eval.every must be >= 0, eval.num_samples >= 2 and eval.batch_size >= 1.")
         if not 0.0 <= self.text_encoder.caption_dropout < 1.0:

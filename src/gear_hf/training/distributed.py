@@ -27,8 +27,6 @@ from torch import nn
 from .builders import TrainingSetupError
 from .config import TrainingConfig
 
-ENGINES = ("ddp", "deepspeed", "fsdp")
-
 
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() == "true"
@@ -71,6 +69,11 @@ def check_hardware_choices(cfg: TrainingConfig, engine: str) -> None:
     if t.mixed_precision == "bf16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise TrainingSetupError(f"train.mixed_precision=bf16: this GPU ({torch.cuda.get_device_name()}) has no "
                                  "native bf16 (compute capability < 8.0). Use train.mixed_precision=no.")
+    if engine != "ddp" and cfg.gear.straight_through_ntp:
+        # Checked here, not in TrainingConfig.validate: the engine may come from the launcher's environment.
+        raise TrainingSetupError(f"gear.straight_through_ntp (one joint backward through tokenizer and AR) is not "
+                                 f"supported with the {engine} engine (one engine per module): use DDP, or set "
+                                 "gear.straight_through_ntp=false.")
     if engine != "ddp" and t.gradient_accumulation_steps != 1:
         raise TrainingSetupError(f"The {engine} engine supports train.gradient_accumulation_steps=1 only "
                                  "(raise train.train_batch_size instead, or use DDP).")
@@ -275,6 +278,6 @@ def gathered_dtensors(*modules: nn.Module | None):
             sub._parameters[key] = param
 
 
-__all__ = ["ENGINES", "resolve_engine", "check_hardware_choices", "engine_modules", "deepspeed_plugins",
+__all__ = ["resolve_engine", "check_hardware_choices", "engine_modules", "deepspeed_plugins",
            "unset_hf_deepspeed_config", "register_zero3_embedding_tables", "FSDP_UNITS", "fsdp_plugin",
            "enable_fsdp_without_gpu", "fsdp_units_of", "broadcast_buffers_like_ddp", "gathered_dtensors"]

@@ -152,9 +152,7 @@ class TrainingComponents:
     tokenizer: nn.Module
     ar: nn.Module | None
     projector: nn.Module | None
-    teacher: nn.Module | None
     discriminator: nn.Module | None
-    tokenizer_loss: nn.Module | None
     opt_tok: Any
     opt_ar: Any
     opt_disc: Any
@@ -275,11 +273,11 @@ class TrainingEngines:
         trainable = [m for m in (None if stage == 2 else o["tokenizer"], o["ar"], o["projector"], o["discriminator"])
                      if m is not None]
         return TrainingComponents(
-            tokenizer=o["tokenizer"], ar=o["ar"], projector=o["projector"], teacher=models.teacher,
-            discriminator=o["discriminator"], tokenizer_loss=models.tokenizer_loss, opt_tok=o["opt_tok"],
-            opt_ar=o["opt_ar"], opt_disc=o["opt_disc"], sched_tok=o["sched_tok"], sched_ar=o["sched_ar"],
-            sched_disc=o["sched_disc"], tokenizer_ema=tokenizer_ema, ar_ema=ar_ema, train_loader=loader,
-            text_conditioner=models.text_conditioner, step_modules=step_modules, trainable=trainable,
+            tokenizer=o["tokenizer"], ar=o["ar"], projector=o["projector"], discriminator=o["discriminator"],
+            opt_tok=o["opt_tok"], opt_ar=o["opt_ar"], opt_disc=o["opt_disc"], sched_tok=o["sched_tok"],
+            sched_ar=o["sched_ar"], sched_disc=o["sched_disc"], tokenizer_ema=tokenizer_ema, ar_ema=ar_ema,
+            train_loader=loader, text_conditioner=models.text_conditioner, step_modules=step_modules,
+            trainable=trainable,
         )
 
     def _prepare_per_module(self, objects: dict[str, Any], data: TrainingData):

@@ -137,21 +137,37 @@ def align_loss(hidden: torch.Tensor, target: torch.Tensor, projector: nn.Module)
     return repa_loss(projector(hidden), target)
 
 
+def vq_loss(m, x, tok_out, logs, step=0) -> torch.Tensor:
+    """L_VQ (reconstruction, perceptual, quantizer and, once active, the generator's GAN term), logged."""
+    disc = unwrap(m.discriminator) if m.discriminator is not None else None
+    with frozen(disc):  # the generator's GAN term must not write discriminator gradients
+        vq = m.tokenizer_loss.generator_loss(x, tok_out.reconstruction, tok_out.quantizer_loss, disc, step=step)
+    logs.update({f"tokenizer/{k}": v.detach() for k, v in vq.items()})
+    return vq["loss"]
+
+
+def discriminator_updates(m, x, tok_out, logs, step=0) -> None:
+    """The discriminator step on sg(x̂), once the GAN term is active."""
+    if m.discriminator is not None and m.discriminator_update is not None and m.tokenizer_loss.gan_active(step):
+        d = m.tokenizer_loss.discriminator_loss(x, tok_out.reconstruction.detach(), m.discriminator)
+        logs.update({f"discriminator/{k}": v.detach() for k, v in d.items()})
+        logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
+
+
 def tokenizer_and_discriminator_updates(m, x, tok_out, extra_loss, logs, step=0):
     """Line 6 of Algorithm 1 plus the discriminator step (shared by stage 0 and stage 1).
 
     `step` is the number of optimizer steps done so far (GAN term and discriminator start at
     `loss.discriminator_start`)."""
-    disc = unwrap(m.discriminator) if m.discriminator is not None else None
-    with frozen(disc):  # the generator's GAN term must not write discriminator gradients
-        vq = m.tokenizer_loss.generator_loss(x, tok_out.reconstruction, tok_out.quantizer_loss, disc, step=step)
-    logs.update({f"tokenizer/{k}": v.detach() for k, v in vq.items()})
-    logs["grad_norm/tokenizer"] = m.tokenizer_update(vq["loss"] + extra_loss)
+    logs["grad_norm/tokenizer"] = m.tokenizer_update(vq_loss(m, x, tok_out, logs, step) + extra_loss)
+    discriminator_updates(m, x, tok_out, logs, step)
 
-    if m.discriminator is not None and m.discriminator_update is not None and m.tokenizer_loss.gan_active(step):
-        d = m.tokenizer_loss.discriminator_loss(x, tok_out.reconstruction.detach(), m.discriminator)
-        logs.update({f"discriminator/{k}": v.detach() for k, v in d.items()})
-        logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
+
+def straight_through_one_hot(assignment_logits: torch.Tensor, tokens: torch.Tensor, temperature: float
+                             ) -> torch.Tensor:
+    """Forward exactly one-hot(tokens), backward through π = softmax(A/τ) (the straight-through ablations)."""
+    pi = soft_readout(assignment_logits, temperature)
+    return pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
 
 
 def hard_branch_loss(m, tokens, condition: GEARCondition, target, align_layer, align_weight, logs,
@@ -186,26 +202,18 @@ def ar_updates(m, tokens, condition: GEARCondition, target, align_layer, align_w
     logs["grad_norm/ar"] = m.ar_update(loss, lambda: ar_parameters(m, target, align_weight))
 
 
-def straight_through_updates(m, x, tok_out, tokens, condition, target, soft_loss, logs, step, cfg):
+def straight_through_updates(m, x, tok_out, tokens, one_hot, condition, target, soft_loss, logs, step, cfg):
     """Ablation (paper Table 7's straight-through reading, `gear.straight_through_ntp`): the hard branch is fed the
-    straight-through one-hot of the tokens (forward = one-hot, backward through π = softmax(A/τ)), so one backward of
-    L_VQ + λ_tok·L_align^s + L_NTP + λ_AR·L_align^h reaches the tokenizer AND the AR; then each module steps. The
-    paper reports this arm collapsing (gFID 104.9, rFID 59.7)."""
+    straight-through one-hot of the tokens (`one_hot`: forward = one-hot, backward through π = softmax(A/τ)), so one
+    backward of L_VQ + λ_tok·L_align^s + L_NTP + λ_AR·L_align^h reaches the tokenizer AND the AR; then each module
+    steps. The paper reports this arm collapsing (gFID 104.9, rFID 59.7)."""
     g = cfg.gear
-    pi = soft_readout(tok_out.assignment_logits, g.temperature)
-    one_hot = pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach()
     hard = hard_branch_loss(m, tokens, condition, target, g.align_layer, g.ar_align_weight, logs, one_hot)
-    disc = unwrap(m.discriminator) if m.discriminator is not None else None
-    with frozen(disc):
-        vq = m.tokenizer_loss.generator_loss(x, tok_out.reconstruction, tok_out.quantizer_loss, disc, step=step)
-    logs.update({f"tokenizer/{k}": v.detach() for k, v in vq.items()})
-    m.tokenizer_update.accelerator.backward(vq["loss"] + g.tokenizer_align_weight * soft_loss + hard)
+    vq = vq_loss(m, x, tok_out, logs, step)
+    m.tokenizer_update.accelerator.backward(vq + g.tokenizer_align_weight * soft_loss + hard)
     logs["grad_norm/tokenizer"] = m.tokenizer_update.step()
     logs["grad_norm/ar"] = m.ar_update.step(ar_parameters(m, target, g.ar_align_weight))
-    if m.discriminator is not None and m.discriminator_update is not None and m.tokenizer_loss.gan_active(step):
-        d = m.tokenizer_loss.discriminator_loss(x, tok_out.reconstruction.detach(), m.discriminator)
-        logs.update({f"discriminator/{k}": v.detach() for k, v in d.items()})
-        logs["grad_norm/discriminator"] = m.discriminator_update(d["loss"])
+    discriminator_updates(m, x, tok_out, logs, step)
 
 
 def _record_stats(extras, tok_out, tokens):
@@ -238,17 +246,19 @@ def gear_step(m: GEARModules, batch: dict, cfg, step: int = 0, extras: dict | No
     # 1..ℓ only. The AR and projector are frozen and in eval mode: this loss updates only the tokenizer.
     ar, projector = unwrap(m.ar), unwrap(m.projector)
     ar.eval()
+    one_hot = None
+    if g.straight_through or g.straight_through_ntp:  # ablation: forward exactly one-hot, backward through π
+        one_hot = straight_through_one_hot(tok_out.assignment_logits, tokens, g.temperature)
     with frozen(ar, projector):
         soft = {"input_logits": tok_out.assignment_logits[:, :-1], "temperature": g.temperature}
-        if g.straight_through or g.straight_through_ntp:  # ablation: forward exactly one-hot, backward through π
-            pi = soft_readout(tok_out.assignment_logits, g.temperature)
-            soft = {"input_probs": (pi + (F.one_hot(tokens, pi.shape[-1]).to(pi.dtype) - pi).detach())[:, :-1]}
+        if one_hot is not None:
+            soft = {"input_probs": one_hot[:, :-1]}
         h_soft = ar(**soft, **condition.model_kwargs(), stop_at_layer=g.align_layer).last_hidden_state
         align_soft = align_loss(h_soft, target, projector)
     logs["tokenizer/align_loss"] = align_soft.detach()
 
     if g.straight_through_ntp:  # ablation: NTP and L_align^h also reach the tokenizer (one joint backward)
-        straight_through_updates(m, x, tok_out, tokens, condition, target, align_soft, logs, step, cfg)
+        straight_through_updates(m, x, tok_out, tokens, one_hot, condition, target, align_soft, logs, step, cfg)
         update_emas(m)
         return logs
 

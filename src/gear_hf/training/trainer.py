@@ -50,7 +50,8 @@ DEFAULT_SAMPLE_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl o
 
 
 class StopRequest:
-    """SIGTERM → save a checkpoint at the next step boundary and exit cleanly."""
+    """SIGTERM → save a checkpoint at the next step boundary (several processes: the next log step, see
+    `GEARTrainer._stop_now`) and exit cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -64,7 +65,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        logger.warning("Received signal %s: saving a checkpoint at the next step boundary, then exiting.", signum)
+        logger.warning("Received signal %s: saving a checkpoint at the next step boundary (several processes: the "
+                       "next log step), then exiting.", signum)
         self.requested = True
 
     def __exit__(self, *exc):
@@ -168,6 +170,9 @@ class GEARTrainer:
         return written
 
     def save_samples(self) -> None:
+        """Preview PNGs (main process only: nothing here is collective, so the other ranks skip reading data)."""
+        if not self.accelerator.is_main_process:
+            return
         c, n = self.components, self.cfg.train.num_sample_images
         tokenizer = c.tokenizer_ema.model if c.tokenizer_ema is not None else c.tokenizer
         fixed = self._fixed_samples(n)
@@ -281,15 +286,14 @@ class GEARTrainer:
                 if want_stats:
                     self.monitor.log_codebook_stats(self.global_step, extras.get("assignment_logits"))
                 del extras
-                if self._is_due(cfg.train.log_every, self.global_step) or self.global_step == max_steps:
+                is_log_step = self._is_due(cfg.train.log_every, self.global_step) or self.global_step == max_steps
+                if is_log_step:
                     self.monitor.flush(self.global_step, self.epoch, schedulers, progress)
                 if self._is_due(cfg.train.sample_every, self.global_step):
                     self.save_samples()
                 if self.online_fid is not None and self._is_due(cfg.eval.every, self.global_step):
                     self.evaluate()
-                if stop.requested:
-                    acc.set_trigger()
-                if acc.check_trigger():  # collective: every rank stops at the same step
+                if self._stop_now(stop, is_log_step):
                     self.save_checkpoint()
                     last_saved = self.global_step
                     status = "interrupted"
@@ -306,6 +310,20 @@ class GEARTrainer:
         acc.wait_for_everyone()
         acc.end_training()
         return {"global_step": self.global_step, "status": status, "output_dir": str(self.output_dir)}
+
+    def _stop_now(self, stop: StopRequest, is_log_step: bool) -> bool:
+        """Whether every rank stops at this step after a SIGTERM. One process: the Python flag, no sync. Several:
+        the flag must be reduced across ranks (`check_trigger`: a reduce + `.item()`), so it is checked only on the
+        log steps all ranks share (every step when logging is off); the stop lands at the next of them."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stop.requested
+        if stop.requested:
+            acc.set_trigger()
+        logging_on = bool(self.cfg.train.log_every) and self.cfg.train.log_every > 0
+        if logging_on and not is_log_step:
+            return False
+        return acc.check_trigger()  # collective: every rank stops at the same step
 
     @property
     def last_logs(self) -> dict[str, float]:
