@@ -44,14 +44,15 @@ from .online_eval import OnlineFID
 logger = logging.getLogger(__name__)
 
 STEP_FUNCTIONS = {0: tokenizer_step, 1: gear_step, 2: ar_step}
+STOP_CHECK_EVERY = 10  # steps between the multi-process SIGTERM checks (each a reduce + host sync)
 # Text-to-image previews on streaming data (no fixed captions), unless train.sample_prompts is set.
 DEFAULT_SAMPLE_PROMPTS = ("a photo of a cat", "a red car on a street", "a bowl of fruit on a table",
                           "a mountain lake at sunset")
 
 
 class StopRequest:
-    """SIGTERM → save a checkpoint at the next step boundary (several processes: the next log step, see
-    `GEARTrainer._stop_now`) and exit cleanly."""
+    """SIGTERM → save a checkpoint at the next step boundary (several processes: within `STOP_CHECK_EVERY` steps,
+    see `GEARTrainer._stop_now`) and exit cleanly."""
 
     def __init__(self):
         self.requested = False
@@ -66,7 +67,7 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         logger.warning("Received signal %s: saving a checkpoint at the next step boundary (several processes: the "
-                       "next log step), then exiting.", signum)
+                       "next multiple of %d steps), then exiting.", signum, STOP_CHECK_EVERY)
         self.requested = True
 
     def __exit__(self, *exc):
@@ -286,14 +287,13 @@ class GEARTrainer:
                 if want_stats:
                     self.monitor.log_codebook_stats(self.global_step, extras.get("assignment_logits"))
                 del extras
-                is_log_step = self._is_due(cfg.train.log_every, self.global_step) or self.global_step == max_steps
-                if is_log_step:
+                if self._is_due(cfg.train.log_every, self.global_step) or self.global_step == max_steps:
                     self.monitor.flush(self.global_step, self.epoch, schedulers, progress)
                 if self._is_due(cfg.train.sample_every, self.global_step):
                     self.save_samples()
                 if self.online_fid is not None and self._is_due(cfg.eval.every, self.global_step):
                     self.evaluate()
-                if self._stop_now(stop, is_log_step):
+                if self._stop_now(stop):
                     self.save_checkpoint()
                     last_saved = self.global_step
                     status = "interrupted"
@@ -311,19 +311,16 @@ class GEARTrainer:
         acc.end_training()
         return {"global_step": self.global_step, "status": status, "output_dir": str(self.output_dir)}
 
-    def _stop_now(self, stop: StopRequest, is_log_step: bool) -> bool:
+    def _stop_now(self, stop: StopRequest) -> bool:
         """Whether every rank stops at this step after a SIGTERM. One process: the Python flag, no sync. Several:
-        the flag must be reduced across ranks (`check_trigger`: a reduce + `.item()`), so it is checked only on the
-        log steps all ranks share (every step when logging is off); the stop lands at the next of them."""
+        the flag must be reduced across ranks (`check_trigger`: a reduce + `.item()`), so it is checked every
+        `STOP_CHECK_EVERY` steps, a schedule all ranks share; the stop lands at the next of them."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return stop.requested
         if stop.requested:
             acc.set_trigger()
-        logging_on = bool(self.cfg.train.log_every) and self.cfg.train.log_every > 0
-        if logging_on and not is_log_step:
-            return False
-        return acc.check_trigger()  # collective: every rank stops at the same step
+        return self.global_step % STOP_CHECK_EVERY == 0 and acc.check_trigger()
 
     @property
     def last_logs(self) -> dict[str, float]:
