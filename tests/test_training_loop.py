@@ -107,6 +107,28 @@ def straight_run(tmp_path_factory):
     return out, snapshot(tr), tr.last_logs
 
 
+def test_multi_process_stop_check_runs_on_a_shared_schedule():
+    """Several processes: the SIGTERM flag is reduced (a host sync) only every STOP_CHECK_EVERY steps, and every rank
+    then stops at that step; one process reads its flag at every step without any collective."""
+    from types import SimpleNamespace
+
+    calls = []
+    every = trainer_module.STOP_CHECK_EVERY
+    accelerator = SimpleNamespace(num_processes=2, set_trigger=lambda: calls.append("set"),
+                                  check_trigger=lambda: calls.append("check") or "set" in calls)
+    trainer = SimpleNamespace(accelerator=accelerator, global_step=0)
+    stop = SimpleNamespace(requested=False)
+    stops = []
+    for step in range(1, 3 * every + 1):
+        trainer.global_step = step
+        stop.requested = step >= every + 3  # the signal arrives mid-interval
+        if GEARTrainer._stop_now(trainer, stop):
+            stops.append(step)
+    assert stops == [2 * every, 3 * every] and calls.count("check") == 3
+    single = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1), global_step=3)
+    assert GEARTrainer._stop_now(single, SimpleNamespace(requested=True)) is True
+
+
 def test_exact_resume_after_sigterm(straight_run, tmp_path, monkeypatch):
     """N/2 steps, SIGTERM → checkpoint + clean exit, resume, N/2 more == N straight (bit-identical, fp32 CPU):
     parameters, both EMAs, all optimizer/scheduler states and the data position. The resume lands mid-epoch in
