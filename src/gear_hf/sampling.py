@@ -171,6 +171,24 @@ class TokenPicker:
         return (logits + gumbel).argmax(dim=-1)
 
 
+def check_generators(generator, count: int, detail: str = ""):
+    """`generator` as the sampler takes it: None, one `torch.Generator`, or a list of `count` (one per image, all on
+    one device; returned as a list). Anything else is one clear error; `detail` explains the count."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != count:
+            raise ValueError(f"Got a list of {len(generator)} generators for {count} images{detail}; pass a list of "
+                             f"{count} (exactly one generator per image), or a single torch.Generator.")
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise TypeError("generator lists must contain only torch.Generator objects.")
+        if len({g.device for g in generator}) > 1:
+            raise ValueError("All generators of the list must be on the same device.")
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, a list of them (one per image) or None; got "
+                        f"{type(generator).__name__}.")
+    return generator
+
+
 def prefill(model, condition: GEARCondition, cache) -> torch.Tensor:
     """Run the condition prefix of all rows into the empty cache; returns the logits of image token 0."""
     return model(**condition.model_kwargs(), cache=cache).logits[:, -1]
@@ -352,15 +370,7 @@ def generate_image_tokens(
     batch_size = condition.batch_size
     if batch_size == 0:
         raise ValueError("The condition is empty; pass at least one class label or prompt embedding.")
-    if isinstance(generator, (list, tuple)):
-        generator = list(generator)
-        if len(generator) != batch_size or not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError(f"generator must be one torch.Generator or a list of {batch_size} (one per sample); "
-                             f"got a list of {len(generator)}.")
-        if len({g.device for g in generator}) > 1:
-            raise ValueError("All per-sample generators must live on the same device.")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, a list of them or None; got {type(generator)}.")
+    generator = check_generators(generator, batch_size)
     if not isinstance(compile, (bool, CompileConfig)):
         raise TypeError(f"compile must be True/False or a transformers.CompileConfig, got {type(compile).__name__}.")
     if compile is not False and not use_cache:

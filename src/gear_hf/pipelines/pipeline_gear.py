@@ -23,7 +23,7 @@ from transformers import CompileConfig
 # written in model_index.json (e.g. "gear_hf.models.modeling_gear_tokenizer"). Keep these module paths stable.
 from ..models.modeling_gear_ar import GEARForCausalImageLM
 from ..models.modeling_gear_tokenizer import GEARTokenizerModel
-from ..sampling import SamplingConfig, resolve_sampling_config
+from ..sampling import SamplingConfig, check_generators, resolve_sampling_config
 from ..text_encoder import check_caption_dim, encode_prompts
 from .class_labels import (
     full_name_table,
@@ -219,21 +219,8 @@ class GEARPipeline(DiffusionPipeline):
         if not isinstance(num_images_per_prompt, numbers.Integral) or isinstance(num_images_per_prompt, bool) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
-        total = num_conditions * int(num_images_per_prompt)
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != total:
-                raise ValueError(
-                    f"Got a list of {len(generator)} generators for {total} images ({num_conditions} conditions x "
-                    f"num_images_per_prompt={num_images_per_prompt}); pass exactly one generator per image, or a "
-                    "single torch.Generator."
-                )
-            if not all(isinstance(g, torch.Generator) for g in generator):
-                raise TypeError("generator lists must contain only torch.Generator objects.")
-            if len({g.device for g in generator}) > 1:
-                raise ValueError("All generators of the list must be on the same device.")
-        elif generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, a list of them (one per image) or None; got "
-                            f"{type(generator).__name__}.")
+        check_generators(generator, num_conditions * int(num_images_per_prompt),
+                         f" ({num_conditions} conditions x num_images_per_prompt={num_images_per_prompt})")
         settings = resolve_sampling_config(vocab_size=self.transformer.config.vocab_size, **sampling)
         if settings.guidance_scale > 1.0 and not self.is_text_to_image and not self.transformer.config.has_null_class:
             raise ValueError(
